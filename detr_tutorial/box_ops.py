@@ -60,7 +60,7 @@ def check_boxes_xyxy(boxes: Tensor, name: str = "boxes") -> None:
         rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"{name} has degenerate boxes (x1 < x0 or y1 < y0) in rows {_short(rows)}: "
-            f"first is {boxes[rows[0]].tolist()}; boxes must be (x0, y0, x1, y1) -- "
+            f"first is {[round(v, 4) for v in boxes[rows[0]].tolist()]}; boxes must be (x0, y0, x1, y1) -- "
             "convert (cx, cy, w, h) boxes with box_cxcywh_to_xyxy first"
         )
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import random
 
+import inspect
+from typing import Any
+
 import numpy as np
 import torch
 
-__all__ = ["setup", "seed_everything"]
+__all__ = ["setup", "seed_everything", "show_source"]
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -66,3 +69,20 @@ def _setup_matplotlib(dpi: int) -> None:
         ip.run_line_magic("matplotlib", "inline")
         ip.run_line_magic("config", "InlineBackend.figure_formats = ['png']")
         ip.run_line_magic("config", "InlineBackend.rc = {'figure.dpi': %d}" % dpi)
+
+
+def show_source(obj: Any):
+    """Display the library's own source of ``obj`` (function, class or module),
+    syntax-highlighted in Jupyter and in the HTML book.
+
+    Chapters call this instead of pasting code, so what the reader sees is what
+    runs; nbval re-checks it, so a stored chapter goes stale when the library
+    changes.
+    """
+    from IPython.display import Code
+
+    try:
+        src = inspect.getsource(obj)
+    except (TypeError, OSError) as exc:
+        raise TypeError(f"show_source needs a function, class or module defined in Python, got {obj!r}") from exc
+    return Code(inspect.cleandoc(src) if src.startswith((" ", "\t")) else src, language="python")
