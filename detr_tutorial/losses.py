@@ -1,0 +1,227 @@
+"""The set criterion: DETR's loss once predictions are matched to targets.
+
+Two steps (Carion et al., 2020):
+
+1. a :class:`~detr_tutorial.matcher.HungarianMatcher` pairs each target with
+   one prediction;
+2. each pair is supervised for its class and its box, and every unmatched
+   prediction is supervised to say "no object".
+
+The terms, with the official key names:
+
+* ``loss_ce`` -- cross-entropy over K+1 classes for all B*Q queries, the
+  "no object" class weighted by ``eos_coef`` (0.1) because most queries are
+  empty. With ``focal_alpha`` set (Deformable DETR, Zhu et al., 2021) it is
+  instead the sigmoid focal loss (Lin et al., 2017) over K per-class logits,
+  summed and divided by the number of target boxes.
+* ``loss_bbox`` -- L1 distance of matched (cx, cy, w, h) boxes, summed over
+  coordinates and pairs, divided by the number of target boxes.
+* ``loss_giou`` -- ``1 - GIoU`` of matched boxes, divided likewise.
+* ``class_error`` (logged) -- 100 minus the top-1 accuracy of matched queries.
+* ``cardinality_error`` (logged, no gradient) -- mean absolute error between
+  the number of predictions that are not "no object" and the number of targets.
+
+With ``outputs["aux_outputs"]`` (one dict per intermediate decoder layer) every
+term except the logged ``class_error`` is repeated per layer with its own
+matching, suffixed ``_0``, ``_1``, ...; with ``outputs["enc_outputs"]``
+(two-stage Deformable DETR) once more against class-agnostic targets (all
+labels 0), suffixed ``_enc``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision.ops
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .matcher import check_outputs, check_targets
+
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "accuracy"]
+
+Indices = list[tuple[Tensor, Tensor]]
+_LOSSES = ("labels", "boxes", "cardinality")
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float,
+                       alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Focal loss on (B, Q, K) logits and (B, Q, K) 0/1 targets, reduced as
+    Deformable DETR does: averaged over queries, summed, divided by
+    ``num_boxes``. Per element it is ``torchvision.ops.sigmoid_focal_loss``:
+    ``alpha_t * (1 - p_t) ** gamma * BCE(p, y)``.
+    """
+    if inputs.dim() < 2 or inputs.shape != targets.shape:
+        raise ValueError(f"inputs and targets must have the same shape (B, Q, ...), "
+                         f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+    loss = torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none")
+    return loss.mean(1).sum() / num_boxes
+
+
+@torch.no_grad()
+def accuracy(output: Tensor, target: Tensor) -> Tensor:
+    """Top-1 accuracy in percent of (M, C) scores against (M,) labels; 0 when M == 0."""
+    if target.numel() == 0:
+        return torch.zeros([], device=output.device)
+    return (output.argmax(-1) == target).float().sum() * (100.0 / target.numel())
+
+
+class SetCriterion(nn.Module):
+    """DETR's (or, with ``focal_alpha``, Deformable DETR's) set loss.
+
+    Args:
+        num_classes: number of object classes K, without "no object".
+        matcher: callable ``matcher(outputs, targets) -> [(pred_idx, target_idx)] * B``,
+            usually a :class:`~detr_tutorial.matcher.HungarianMatcher`.
+        weight_dict: loss name -> weight. Kept for the training loop, which sums
+            ``weight_dict[k] * losses[k]``; the criterion itself returns unweighted terms.
+        eos_coef: weight of the "no object" class in the cross-entropy (0.1);
+            stored in the ``empty_weight`` buffer (K+1,). Unused by the focal loss.
+        losses: which terms to compute, from ``"labels"``, ``"boxes"``, ``"cardinality"``.
+        focal_alpha: ``None`` for softmax cross-entropy over (B, Q, K+1) logits;
+            a number (0.25) for the sigmoid focal loss over (B, Q, K) logits.
+    """
+
+    def __init__(self, num_classes: int, matcher: Callable[..., Indices], weight_dict: dict[str, float],
+                 eos_coef: float, losses: Sequence[str], focal_alpha: float | None = None):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int (object classes, without 'no object'), "
+                             f"got {num_classes!r}")
+        if not callable(matcher):
+            raise TypeError(f"matcher must be callable as matcher(outputs, targets), got {type(matcher).__name__}")
+        if not isinstance(weight_dict, dict):
+            raise TypeError(f"weight_dict must be a dict of loss name -> weight, got {type(weight_dict).__name__}")
+        if isinstance(eos_coef, bool) or not isinstance(eos_coef, (int, float)) or not 0 <= eos_coef <= 1:
+            raise ValueError(f"eos_coef must be a number in [0, 1], got {eos_coef!r}")
+        unknown = [loss for loss in losses if loss not in _LOSSES]
+        if isinstance(losses, str) or unknown:
+            raise ValueError(f"losses must be a list drawn from {list(_LOSSES)}, got {losses!r}")
+        if focal_alpha is not None and (isinstance(focal_alpha, bool) or not isinstance(focal_alpha, (int, float))):
+            raise ValueError(f"focal_alpha must be None or a number (0.25 in Deformable DETR), got {focal_alpha!r}")
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = list(losses)
+        self.focal_alpha = focal_alpha
+        empty_weight = torch.ones(num_classes + 1)  # (K+1,)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def loss_labels(self, outputs: dict, targets: Sequence[dict], indices: Indices, num_boxes: float,
+                    log: bool = True) -> dict[str, Tensor]:
+        """``loss_ce`` (and, if ``log``, ``class_error``)."""
+        src_logits = outputs["pred_logits"]  # (B, Q, K+1), or (B, Q, K) for focal
+        idx = _src_permutation_idx(indices)
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])  # (M,)
+        # Every query is "no object" (class K) unless it was matched.
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=src_logits.device)  # (B, Q)
+        target_classes[idx] = target_classes_o
+
+        if self.focal_alpha is None:
+            loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
+        else:
+            # One-hot over K+1 classes, then drop "no object": an empty query has all-zero targets.
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(src_logits.dtype)  # (B, Q, K)
+            loss_ce = sigmoid_focal_loss(src_logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=2.0)
+            loss_ce = loss_ce * src_logits.shape[1]  # undo the mean over queries
+        losses = {"loss_ce": loss_ce}
+        if log:
+            losses["class_error"] = 100 - accuracy(src_logits[idx], target_classes_o)
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs: dict, targets: Sequence[dict], indices: Indices,
+                         num_boxes: float) -> dict[str, Tensor]:
+        """``cardinality_error``: |#predictions whose argmax is not the last class - #targets|,
+        averaged over images. A logged diagnostic, not a loss (no gradient). As in
+        the official Deformable DETR, focal logits are treated the same way."""
+        pred_logits = outputs["pred_logits"]
+        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=pred_logits.device)  # (B,)
+        card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)  # (B,)
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs: dict, targets: Sequence[dict], indices: Indices,
+                   num_boxes: float) -> dict[str, Tensor]:
+        """``loss_bbox`` (L1) and ``loss_giou`` over matched pairs, each divided by ``num_boxes``."""
+        idx = _src_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx]  # (M, 4)
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes.dtype)  # (M, 4)
+
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")  # (M, 4)
+        loss_giou = 1 - torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes),
+                                                       box_cxcywh_to_xyxy(target_boxes)))  # (M,)
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+
+    def get_loss(self, loss: str, outputs: dict, targets: Sequence[dict], indices: Indices,
+                 num_boxes: float, **kwargs) -> dict[str, Tensor]:
+        loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
+        return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
+
+    def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Compute all requested terms.
+
+        Args:
+            outputs: ``pred_logits`` (B, Q, K+1) -- (B, Q, K) with ``focal_alpha`` --,
+                ``pred_boxes`` (B, Q, 4) normalised (cx, cy, w, h); optionally
+                ``aux_outputs`` (list of such dicts) and ``enc_outputs`` (one such dict).
+            targets: B dicts with ``labels`` (n_i,) int64 and ``boxes`` (n_i, 4).
+
+        Returns:
+            dict of scalar tensors, keys as listed in the module docstring.
+        """
+        main = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
+        self._check(main, targets, "outputs")
+        indices = self.matcher(main, targets)
+
+        # Normalise box losses by the number of target boxes in the batch (at least 1).
+        num_boxes = sum(len(t["labels"]) for t in targets)
+        num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=main["pred_logits"].device)
+        num_boxes = torch.clamp(num_boxes, min=1).item()
+
+        losses = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, main, targets, indices, num_boxes))
+
+        # Intermediate decoder layers: same terms, their own matching, no class_error.
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            self._check(aux, targets, f"outputs['aux_outputs'][{i}]")
+            losses.update(self._suffixed(aux, targets, num_boxes, f"_{i}"))
+
+        # Two-stage encoder proposals: class-agnostic, every object is class 0.
+        if "enc_outputs" in outputs:
+            bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            self._check(outputs["enc_outputs"], bin_targets, "outputs['enc_outputs']")
+            losses.update(self._suffixed(outputs["enc_outputs"], bin_targets, num_boxes, "_enc"))
+        return losses
+
+    def _suffixed(self, outputs: dict, targets: Sequence[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
+        indices = self.matcher(outputs, targets)
+        losses = {}
+        for loss in self.losses:
+            kwargs = {"log": False} if loss == "labels" else {}
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes, **kwargs))
+        return {k + suffix: v for k, v in losses.items()}
+
+    def _check(self, outputs: dict, targets: Sequence[dict], name: str) -> None:
+        try:
+            num_classes = check_outputs(outputs, focal=self.focal_alpha is not None)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        if num_classes != self.num_classes:
+            expected = self.num_classes if self.focal_alpha is not None else self.num_classes + 1
+            raise ValueError(f"{name}['pred_logits'] has {outputs['pred_logits'].shape[-1]} logits per query, "
+                             f"expected {expected} for num_classes={self.num_classes}"
+                             + ("" if self.focal_alpha is not None else " plus 'no object'"))
+        batch_size, num_queries = outputs["pred_logits"].shape[:2]
+        check_targets(targets, batch_size, self.num_classes, num_queries)
+
+
+def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:
+    """(batch_idx, query_idx), each (M,): where the matched predictions sit in (B, Q)."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, src_idx

@@ -1,0 +1,188 @@
+"""Hungarian matching: a one-to-one assignment of predictions to targets.
+
+DETR predicts a fixed set of ``Q`` boxes per image and the image holds ``n <= Q``
+objects. Before any loss can be computed, each target must be paired with
+exactly one prediction; the remaining ``Q - n`` predictions are trained to say
+"no object". The pairing minimises a matching cost (Carion et al., 2020)::
+
+    C[q, t] = cost_class * C_class[q, t] + cost_bbox * ||b_q - b_t||_1 - cost_giou * GIoU(b_q, b_t)
+
+with ``C_class = -p_q(c_t)`` (softmax probability of the target's class), and
+the assignment is solved exactly with the Hungarian algorithm (Kuhn, 1955),
+``scipy.optimize.linear_sum_assignment``. The cost is computed for the whole
+batch at once and then split per image; it carries no gradient.
+
+With ``focal_alpha`` set, the class cost is the one of Deformable DETR (Zhu et
+al., 2021): logits are per-class sigmoids (no "no object" logit) and
+``C_class`` is the difference of the focal losses for a positive and a negative
+label.
+
+Unlike the official code, malformed targets raise ``ValueError`` -- in
+particular more targets than queries, which the official matcher would
+silently leave partly unmatched.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+__all__ = ["HungarianMatcher", "focal_class_cost", "check_outputs", "check_targets"]
+
+
+class HungarianMatcher(nn.Module):
+    """Match predictions to targets, one to one, by minimum total cost.
+
+    Args:
+        cost_class: weight of the classification cost (DETR 1, Deformable DETR 2).
+        cost_bbox: weight of the L1 distance between (cx, cy, w, h) boxes (5).
+        cost_giou: weight of the negative Generalized IoU (2).
+        focal_alpha: ``None`` for DETR's softmax class cost; a number (0.25 in
+            Deformable DETR) for the sigmoid focal class cost.
+        focal_gamma: focusing exponent of the focal class cost (2).
+    """
+
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
+                 focal_alpha: float | None = None, focal_gamma: float = 2.0):
+        super().__init__()
+        for name, value in [("cost_class", cost_class), ("cost_bbox", cost_bbox), ("cost_giou", cost_giou),
+                            ("focal_gamma", focal_gamma)]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("cost_class, cost_bbox and cost_giou are all 0: the matching would be arbitrary")
+        if focal_alpha is not None and (isinstance(focal_alpha, bool) or not isinstance(focal_alpha, (int, float))
+                                        or not 0 <= focal_alpha <= 1):
+            raise ValueError(f"focal_alpha must be None (softmax class cost) or a number in [0, 1], "
+                             f"got {focal_alpha!r}")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Tensor:
+        """The matching cost of every prediction against every target of the batch.
+
+        Args:
+            outputs: ``pred_logits`` (B, Q, K+1) -- or (B, Q, K) with ``focal_alpha`` --
+                and ``pred_boxes`` (B, Q, 4), normalised (cx, cy, w, h).
+            targets: B dicts with ``labels`` (n_i,) int64 and ``boxes`` (n_i, 4)
+                normalised (cx, cy, w, h).
+
+        Returns:
+            C: (B, Q, sum_i n_i). Only the block ``C[i, :, targets of image i]``
+            is used for image ``i``; the off-diagonal blocks are a by-product of
+            computing the whole batch in one go.
+        """
+        num_classes = check_outputs(outputs, focal=self.focal_alpha is not None)
+        bs, num_queries = outputs["pred_logits"].shape[:2]
+        check_targets(targets, batch_size=bs, num_classes=num_classes, num_queries=num_queries)
+
+        # Flatten the batch so one cost computation serves all images.
+        logits = outputs["pred_logits"].flatten(0, 1)  # (B*Q, K+1) or (B*Q, K)
+        out_bbox = outputs["pred_boxes"].flatten(0, 1)  # (B*Q, 4)
+        tgt_ids = torch.cat([t["labels"] for t in targets])  # (N,)
+        tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox.dtype)  # (N, 4)
+
+        if self.focal_alpha is None:
+            # -p(target class); the constant 1 of "1 - p" does not change the matching.
+            cost_class = -logits.softmax(-1)[:, tgt_ids]  # (B*Q, N)
+        else:
+            cost_class = focal_class_cost(logits, tgt_ids, self.focal_alpha, self.focal_gamma)
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)  # (B*Q, N)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))  # (B*Q, N)
+
+        C = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        if not torch.isfinite(C).all():
+            raise ValueError("the matching cost has NaN or inf entries: check outputs['pred_logits'] for NaN/inf")
+        return C.view(bs, num_queries, -1)
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Returns B pairs ``(pred_idx, target_idx)`` of int64 tensors of length n_i:
+        prediction ``pred_idx[k]`` is matched to target ``target_idx[k]``
+        (``pred_idx`` sorted increasingly, as ``linear_sum_assignment`` returns it)."""
+        C = self.cost_matrix(outputs, targets).cpu()  # (B, Q, N)
+        sizes = [len(t["boxes"]) for t in targets]
+        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]  # c[i]: (Q, n_i)
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+    def extra_repr(self) -> str:
+        focal = "" if self.focal_alpha is None else f", focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+        return f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}{focal}"
+
+
+def focal_class_cost(logits: Tensor, tgt_ids: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Deformable DETR's class cost: (M, K) sigmoid logits, (N,) labels -> (M, N).
+
+    The focal loss of calling the prediction positive for the target's class
+    minus the focal loss of calling it negative (the 1e-8 guards log(0), as in
+    the official code).
+    """
+    prob = logits.sigmoid()  # (M, K)
+    neg_cost = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
+    pos_cost = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    return pos_cost[:, tgt_ids] - neg_cost[:, tgt_ids]
+
+
+def check_outputs(outputs: dict[str, Tensor], focal: bool = False) -> int:
+    """Check a model's ``outputs`` dict; return the number of object classes K.
+
+    ``pred_logits`` must be (B, Q, K+1) (softmax, last class "no object") or,
+    with ``focal=True``, (B, Q, K); ``pred_boxes`` (B, Q, 4).
+    """
+    if not isinstance(outputs, dict):
+        raise TypeError(f"outputs must be a dict with 'pred_logits' and 'pred_boxes', got {type(outputs).__name__}")
+    for key in ("pred_logits", "pred_boxes"):
+        if key not in outputs:
+            raise ValueError(f"outputs has no '{key}' (keys: {sorted(outputs)})")
+        if not isinstance(outputs[key], Tensor) or not outputs[key].is_floating_point():
+            raise TypeError(f"outputs['{key}'] must be a floating-point tensor")
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    if logits.dim() != 3:
+        raise ValueError(f"outputs['pred_logits'] must have shape (batch, queries, classes), got {tuple(logits.shape)}")
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[:2] != logits.shape[:2]:
+        raise ValueError(f"outputs['pred_boxes'] must have shape {tuple(logits.shape[:2]) + (4,)} to match "
+                         f"pred_logits {tuple(logits.shape)}, got {tuple(boxes.shape)}")
+    num_classes = logits.shape[-1] if focal else logits.shape[-1] - 1
+    if num_classes < 1:
+        raise ValueError(f"outputs['pred_logits'] has {logits.shape[-1]} logits per query: too few for "
+                         + ("sigmoid classes" if focal else "at least one class plus 'no object'"))
+    return num_classes
+
+
+def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, num_classes: int,
+                  num_queries: int | None = None) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``targets`` is ``batch_size``
+    dicts with ``labels`` (n,) int64 in [0, num_classes - 1] and ``boxes``
+    (n, 4) normalised (cx, cy, w, h) with 0 <= cx, cy <= 1 and 0 < w, h <= 1,
+    and (if given) n <= ``num_queries``."""
+    if not isinstance(targets, (list, tuple)):
+        raise TypeError(f"targets must be a list of dicts (one per image), got {type(targets).__name__}")
+    if len(targets) != batch_size:
+        raise ValueError(f"targets has {len(targets)} entries but the outputs hold {batch_size} images")
+    for i, t in enumerate(targets):
+        if not isinstance(t, dict) or "labels" not in t or "boxes" not in t:
+            raise ValueError(f"targets[{i}] must be a dict with 'labels' and 'boxes'")
+        labels, boxes = t["labels"], t["boxes"]
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
+            raise TypeError(f"targets[{i}]['labels'] must be an int64 tensor of shape (n,)")
+        if not isinstance(boxes, Tensor) or not boxes.is_floating_point() or boxes.shape != (len(labels), 4):
+            raise ValueError(f"targets[{i}]['boxes'] must be a float tensor of shape ({len(labels)}, 4), "
+                             f"got {getattr(boxes, 'shape', type(boxes).__name__)}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"targets[{i}]['labels'] must lie in [0, {num_classes - 1}] (class {num_classes} "
+                             f"is 'no object' and never a target), got {labels.tolist()}")
+        if not torch.isfinite(boxes).all() or ((boxes < 0) | (boxes > 1)).any() or (boxes[:, 2:] <= 0).any():
+            raise ValueError(f"targets[{i}]['boxes'] must be normalised (cx, cy, w, h) with values in [0, 1] "
+                             f"and w, h > 0 (divide pixel boxes by the image size), got {boxes.tolist()}")
+        if num_queries is not None and len(labels) > num_queries:
+            raise ValueError(f"targets[{i}] has {len(labels)} objects but the model predicts only {num_queries} "
+                             "boxes per image, so some objects could never be matched; raise num_queries "
+                             f"to at least {len(labels)} (DETR uses 100)")

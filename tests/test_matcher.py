@@ -1,0 +1,170 @@
+"""Tests for detr_tutorial.matcher: official parity, optimality, edge cases."""
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detr_tutorial.matcher import HungarianMatcher
+
+VECTORS = torch.load(Path(__file__).parent / "data" / "official_vectors.pt", weights_only=False)
+
+
+def random_case(seed, batch=2, queries=6, classes=3, sizes=(2, 0), focal=False):
+    g = torch.Generator().manual_seed(seed)
+    outputs = {
+        "pred_logits": 2 * torch.randn(batch, queries, classes + (0 if focal else 1), generator=g),
+        "pred_boxes": torch.rand(batch, queries, 4, generator=g) * 0.5 + 0.25,
+    }
+    targets = []
+    for n in sizes:
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, classes, (n,), generator=g), "boxes": torch.cat([cxcy, wh], 1)})
+    return outputs, targets
+
+
+def giou_by_hand(a, b):
+    """GIoU of two (cx, cy, w, h) boxes, written out from the definition."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+    return inter / union - (hull - union) / hull
+
+
+@pytest.mark.parametrize("case", range(len(VECTORS["hungarian_matcher"]["cases"])))
+def test_official_cases(case):
+    ref = VECTORS["hungarian_matcher"]
+    data = ref["cases"][case]
+    indices = HungarianMatcher(**ref["costs"])(data["outputs"], data["targets"])
+    assert len(indices) == len(data["indices"])
+    for (i, j), (ri, rj) in zip(indices, data["indices"]):
+        assert i.dtype == j.dtype == torch.int64
+        assert torch.equal(i, ri) and torch.equal(j, rj)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_cost_matrix_matches_formula_entry_by_entry(focal):
+    outputs, targets = random_case(1, sizes=(3, 2), focal=focal)
+    matcher = HungarianMatcher(2, 5, 2, focal_alpha=0.25) if focal else HungarianMatcher(1, 5, 2)
+    C = matcher.cost_matrix(outputs, targets)
+    labels = torch.cat([t["labels"] for t in targets]).tolist()
+    boxes = torch.cat([t["boxes"] for t in targets]).tolist()
+    assert C.shape == (2, 6, 5)
+    for b, q, t in itertools.product(range(2), range(6), range(5)):
+        logits = outputs["pred_logits"][b, q].double()
+        pred = outputs["pred_boxes"][b, q].tolist()
+        if focal:
+            p = torch.sigmoid(logits[labels[t]]).item()
+            pos = 0.25 * (1 - p) ** 2 * -torch.log(torch.tensor(p + 1e-8)).item()
+            neg = 0.75 * p ** 2 * -torch.log(torch.tensor(1 - p + 1e-8)).item()
+            cls = 2 * (pos - neg)
+        else:
+            cls = -torch.softmax(logits, -1)[labels[t]].item()
+        l1 = sum(abs(x - y) for x, y in zip(pred, boxes[t]))
+        expected = cls + 5 * l1 - 2 * giou_by_hand(pred, boxes[t])
+        assert C[b, q, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+@given(queries=st.integers(1, 5), data=st.data(), focal=st.booleans(), seed=st.integers(0, 10_000))
+def test_assignment_is_optimal_against_brute_force(queries, data, focal, seed):
+    n = data.draw(st.integers(0, queries))
+    outputs, targets = random_case(seed, batch=1, queries=queries, sizes=(n,), focal=focal)
+    matcher = HungarianMatcher(2, 5, 2, focal_alpha=0.25) if focal else HungarianMatcher()
+    C = matcher.cost_matrix(outputs, targets)[0]  # (Q, n)
+    (i, j), = matcher(outputs, targets)
+    # one-to-one: every target used once, every prediction at most once
+    assert len(i) == len(j) == n
+    assert sorted(j.tolist()) == list(range(n)) and len(set(i.tolist())) == n
+    best = min((sum(C[q, t].item() for t, q in enumerate(perm)) for perm in itertools.permutations(range(queries), n)),
+               default=0.0)
+    assert C[i, j].sum().item() == pytest.approx(best, abs=1e-5)
+
+
+def test_batch_matching_equals_per_image_matching():
+    outputs, targets = random_case(2, batch=3, sizes=(2, 0, 4))
+    matcher = HungarianMatcher()
+    together = matcher(outputs, targets)
+    for b in range(3):
+        alone, = matcher({k: v[b:b + 1] for k, v in outputs.items()}, targets[b:b + 1])
+        assert torch.equal(together[b][0], alone[0]) and torch.equal(together[b][1], alone[1])
+
+
+def test_cost_has_no_gradient():
+    outputs, targets = random_case(3)
+    outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+    matcher = HungarianMatcher()
+    assert not matcher.cost_matrix(outputs, targets).requires_grad
+    for i, j in matcher(outputs, targets):
+        assert not i.requires_grad and not j.requires_grad
+    assert outputs["pred_logits"].grad is None
+
+
+def test_images_without_objects_give_empty_int64_pairs():
+    outputs, targets = random_case(4, sizes=(0, 0))
+    for i, j in HungarianMatcher()(outputs, targets):
+        assert i.shape == j.shape == (0,) and i.dtype == j.dtype == torch.int64
+
+
+def test_more_targets_than_queries_is_an_error():
+    outputs, targets = random_case(5, queries=3, sizes=(2, 4))
+    with pytest.raises(ValueError, match=r"targets\[1\] has 4 objects.*raise num_queries"):
+        HungarianMatcher()(outputs, targets)
+
+
+@pytest.mark.parametrize("label", [-1, 3, 7])
+def test_labels_out_of_range(label):
+    outputs, targets = random_case(6)
+    targets[0]["labels"][0] = label  # 3 classes: 0..2 valid, 3 is "no object"
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must lie in \[0, 2\]"):
+        HungarianMatcher()(outputs, targets)
+
+
+@pytest.mark.parametrize("row", [[0.5, 0.5, -0.1, 0.2], [1.2, 0.5, 0.1, 0.2], [0.5, 0.5, 0.0, 0.2],
+                                 [0.5, float("nan"), 0.1, 0.2]])
+def test_boxes_must_be_normalised_cxcywh(row):
+    outputs, targets = random_case(7)
+    targets[0]["boxes"][1] = torch.tensor(row)
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must be normalised"):
+        HungarianMatcher()(outputs, targets)
+
+
+def test_target_count_must_match_batch():
+    outputs, targets = random_case(8)
+    with pytest.raises(ValueError, match="targets has 1 entries but the outputs hold 2 images"):
+        HungarianMatcher()(outputs, targets[:1])
+
+
+def test_wrong_shapes_and_types():
+    outputs, targets = random_case(9)
+    m = HungarianMatcher()
+    with pytest.raises(ValueError, match="pred_boxes"):
+        m({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"][..., :3]}, targets)
+    with pytest.raises(ValueError, match="pred_logits"):
+        m({"pred_logits": outputs["pred_logits"][0], "pred_boxes": outputs["pred_boxes"]}, targets)
+    with pytest.raises(ValueError, match="no 'pred_boxes'"):
+        m({"pred_logits": outputs["pred_logits"]}, targets)
+    with pytest.raises(TypeError, match="int64"):
+        m(outputs, [{"labels": t["labels"].float(), "boxes": t["boxes"]} for t in targets])
+    with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\] must be a float tensor of shape \(2, 4\)"):
+        m(outputs, [{"labels": t["labels"], "boxes": t["boxes"][:, :2]} for t in targets])
+    with pytest.raises(TypeError, match="list of dicts"):
+        m(outputs, targets[0])
+
+
+def test_nan_logits_are_reported():
+    outputs, targets = random_case(10)
+    outputs["pred_logits"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        HungarianMatcher()(outputs, targets)
+
+
+@pytest.mark.parametrize("kwargs", [dict(cost_class=0, cost_bbox=0, cost_giou=0), dict(cost_bbox=-1),
+                                    dict(focal_alpha=1.5), dict(focal_gamma=-2), dict(cost_class="1")])
+def test_invalid_constructor_arguments(kwargs):
+    with pytest.raises(ValueError):
+        HungarianMatcher(**kwargs)
