@@ -1,6 +1,9 @@
 """Models of the DETR family: backbones, positional encodings, attention, transformers."""
 from .attention import MultiheadAttention, scaled_dot_product_attention
 from .backbone import Joiner, ResNetBackbone, SmallBackbone, downsample_mask
+from .deformable_attention import MSDeformAttn
+from .deformable_detr import DeformableDETR, build_deformable_detr
+from .deformable_transformer import DeformableTransformer
 from .detr import DETR, MLP, build_detr
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,

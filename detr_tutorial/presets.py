@@ -1,0 +1,169 @@
+"""Named training configurations: one source of truth for the book, the CLI and the benchmark.
+
+A :class:`Preset` fixes the data (synthetic shapes, train and validation
+seeds), the batch size, the optimisation (:class:`~detr_tutorial.engine.TrainConfig`)
+and, per model name, the keyword arguments of that model's builder.
+
+``MODELS`` maps a model name to a builder
+``build(num_classes, **kwargs) -> (model, criterion, postprocess)``; another
+architecture registers itself with one line::
+
+    MODELS["deformable_detr"] = build_deformable_detr_training
+
+and adds its keyword arguments to the presets it supports
+(``PRESETS[name].models["deformable_detr"] = {...}``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import ShapesDataset, collate_fn
+from .engine import TrainConfig, Trainer
+from .losses import SetCriterion
+from .matcher import HungarianMatcher
+from .models import build_deformable_detr, build_detr
+from .postprocess import PostProcess, PostProcessTopK
+
+__all__ = ["MODELS", "PRESETS", "DataConfig", "Preset", "build_deformable_detr_training", "build_detr_training",
+           "build_loaders", "get_preset",
+           "make_trainer"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Synthetic shapes: ``num_train`` images with seed ``train_seed``, a held-out
+    validation split of ``num_val`` images with its own ``val_seed``."""
+
+    num_train: int = 4000
+    num_val: int = 500
+    image_size: int = 64
+    max_objects: int = 4
+    train_seed: int = 0
+    val_seed: int = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Data, batch size, optimisation, and the builder arguments of each supported model."""
+
+    description: str
+    data: DataConfig
+    batch_size: int
+    train: TrainConfig
+    models: dict[str, dict] = field(default_factory=dict)
+
+
+def build_detr_training(num_classes: int, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
+                        eos_coef: float = 0.1, **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
+    """DETR, its criterion (official weights, auxiliary losses for every decoder layer) and ``PostProcess``.
+
+    ``model_kwargs`` go to :func:`detr_tutorial.models.build_detr`.
+    """
+    model = build_detr(num_classes=num_classes, **model_kwargs)
+    weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
+    weight_dict = dict(weights)
+    for i in range(model.transformer.decoder.num_layers - 1 if model.aux_loss else 0):
+        weight_dict.update({f"{k}_{i}": v for k, v in weights.items()})
+    matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
+    criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef, ["labels", "boxes", "cardinality"])
+    return model, criterion, PostProcess()
+
+
+def build_deformable_detr_training(num_classes: int, cost_class: float = 2, cost_bbox: float = 5,
+                                   cost_giou: float = 2, focal_alpha: float = 0.25,
+                                   **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
+    """Deformable DETR, its sigmoid-focal criterion (official coefficients 2 / 5 / 2, auxiliary and,
+    with two-stage, encoder losses) and ``PostProcessTopK``.
+
+    ``model_kwargs`` go to :func:`detr_tutorial.models.build_deformable_detr`.
+    """
+    model = build_deformable_detr(num_classes=num_classes, **model_kwargs)
+    weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
+    weight_dict = dict(weights)
+    suffixes = [f"_{i}" for i in range(model.transformer.decoder.num_layers - 1 if model.aux_loss else 0)]
+    for suffix in suffixes + (["_enc"] if model.two_stage else []):
+        weight_dict.update({k + suffix: v for k, v in weights.items()})
+    matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
+                               focal_alpha=focal_alpha)
+    criterion = SetCriterion(num_classes, matcher, weight_dict, 0.1, ["labels", "boxes", "cardinality"],
+                             focal_alpha=focal_alpha)
+    return model, criterion, PostProcessTopK()
+
+
+#: model name -> ``build(num_classes, **kwargs) -> (model, criterion, postprocess)``.
+MODELS: dict[str, Callable[..., tuple[nn.Module, nn.Module, Callable]]] = {"detr": build_detr_training}
+MODELS["deformable_detr"] = build_deformable_detr_training
+
+_SMALL_DETR = dict(backbone="small", small_widths=(16, 32, 64), small_strides=(2, 2, 2), hidden_dim=64, nheads=4,
+                   enc_layers=2, dec_layers=3, dim_feedforward=128, num_queries=8, dropout=0.0)
+
+PRESETS: dict[str, Preset] = {
+    "shapes_cpu": Preset(
+        description="DETR that learns the shapes dataset in a few CPU minutes (chapter 10)",
+        data=DataConfig(num_train=4000, num_val=500),
+        batch_size=32,
+        train=TrainConfig(epochs=16, lr=1e-3, lr_backbone=1e-3, weight_decay=1e-4, lr_drop=12, warmup_steps=200,
+                          clip_max_norm=0.1, eval_every=2),
+        models={"detr": _SMALL_DETR},
+    ),
+    "tiny": Preset(
+        description="a smoke test: a few steps on a handful of images",
+        data=DataConfig(num_train=16, num_val=8, image_size=32),
+        batch_size=8,
+        train=TrainConfig(epochs=2, lr=1e-3, lr_backbone=1e-3, warmup_steps=2, eval_every=1),
+        models={"detr": dict(_SMALL_DETR, small_widths=(8, 8, 16), hidden_dim=16, nheads=2, enc_layers=1,
+                             dec_layers=2, dim_feedforward=32, num_queries=6)},
+    ),
+}
+
+
+# Deformable DETR: same data, backbone and transformer sizes as DETR (chapters 12 and 13).
+PRESETS["shapes_cpu"].models["deformable_detr"] = dict(_SMALL_DETR)
+PRESETS["tiny"].models["deformable_detr"] = dict(PRESETS["tiny"].models["detr"])
+
+
+def get_preset(name: str, **train_overrides) -> Preset:
+    """``PRESETS[name]``, with ``TrainConfig`` fields replaced by ``train_overrides`` (e.g. ``epochs=3``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    return dataclasses.replace(preset, train=dataclasses.replace(preset.train, **train_overrides))
+
+
+def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ...]]:
+    """Render the preset's train and validation images once, in memory -> ``(train, val, classes)``.
+
+    The train loader shuffles with the global torch RNG (seed it first; the
+    engine's checkpoints save it) and drops the last incomplete batch. The
+    validation loader has a private generator: a DataLoader draws a seed each
+    time it is iterated, and evaluating must not shift the training shuffle.
+    """
+    d = preset.data
+    splits = [ShapesDataset(n, image_size=d.image_size, max_objects=d.max_objects, seed=seed)
+              for n, seed in ((d.num_train, d.train_seed), (d.num_val, d.val_seed))]
+    train, val = ([ds[i] for i in range(len(ds))] for ds in splits)
+    train_loader = DataLoader(train, batch_size=preset.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate_fn)
+    val_loader = DataLoader(val, batch_size=100, collate_fn=collate_fn, generator=torch.Generator())
+    return train_loader, val_loader, splits[0].classes
+
+
+def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu", out_dir: Optional[str | Path] = None,
+                 progress: bool = True, callbacks: tuple = ()) -> Trainer:
+    """Data, model, criterion, post-processing and :class:`Trainer` for ``preset`` and ``model``."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
+    if model not in preset.models:
+        raise ValueError(f"the preset has no settings for model {model!r}; it has {sorted(preset.models)}")
+    train_loader, val_loader, classes = build_loaders(preset)
+    net, criterion, postprocess = MODELS[model](len(classes), **preset.models[model])
+    return Trainer(net, criterion, train_loader, preset.train, val_loader=val_loader, postprocess=postprocess,
+                   classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress)

@@ -1,0 +1,71 @@
+"""PostProcess (DETR, softmax) and PostProcessTopK (Deformable DETR, sigmoid top-k)."""
+import pytest
+import torch
+
+from detr_tutorial.postprocess import PostProcess, PostProcessTopK, scale_boxes
+
+
+def _outputs(b=2, q=5, c=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"pred_logits": torch.randn(b, q, c, generator=g), "pred_boxes": torch.rand(b, q, 4, generator=g) * 0.5 + 0.1}
+
+
+def test_scale_boxes_by_hand():
+    boxes = torch.tensor([[[0.5, 0.25, 0.2, 0.1]]])  # cx, cy, w, h
+    sizes = torch.tensor([[100, 200]])  # H, W
+    expected = torch.tensor([[[80.0, 20.0, 120.0, 30.0]]])  # x in units of W=200, y of H=100
+    torch.testing.assert_close(scale_boxes(boxes, sizes), expected)
+
+
+def test_postprocess_matches_hand_computation():
+    out = _outputs()
+    sizes = torch.tensor([[48, 64], [32, 80]])
+    results = PostProcess()(out, sizes)
+    assert len(results) == 2
+    for i, res in enumerate(results):
+        for q in range(5):
+            prob = torch.exp(out["pred_logits"][i, q]) / torch.exp(out["pred_logits"][i, q]).sum()
+            assert res["labels"][q].item() == int(prob[:-1].argmax())
+            torch.testing.assert_close(res["scores"][q], prob[:-1].max())
+            cx, cy, w, h = out["pred_boxes"][i, q].tolist()
+            H, W = sizes[i].tolist()
+            expected = torch.tensor([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H])
+            torch.testing.assert_close(res["boxes"][q], expected)
+
+
+def test_postprocess_never_returns_no_object_label():
+    out = _outputs(c=3)
+    out["pred_logits"][..., -1] = 50.0  # "no object" dominates
+    res = PostProcess()(out, torch.tensor([[10, 10], [10, 10]]))
+    assert all(int(r["labels"].max()) < 2 for r in res)
+    assert all(float(r["scores"].max()) < 1e-6 for r in res)
+
+
+def test_topk_matches_hand_computation():
+    out = _outputs(b=2, q=6, c=3)
+    sizes = torch.tensor([[40, 60], [50, 50]])
+    results = PostProcessTopK(k=5)(out, sizes)
+    for i, res in enumerate(results):
+        pairs = sorted(((torch.sigmoid(out["pred_logits"][i, q, c]).item(), q, c)
+                        for q in range(6) for c in range(3)), reverse=True)[:5]
+        assert res["labels"].tolist() == [c for _, _, c in pairs]
+        torch.testing.assert_close(res["scores"], torch.tensor([s for s, _, _ in pairs]))
+        full = scale_boxes(out["pred_boxes"][i:i + 1], sizes[i:i + 1])[0]
+        torch.testing.assert_close(res["boxes"], full[[q for _, q, _ in pairs]])
+
+
+def test_topk_keeps_all_pairs_when_fewer_than_k():
+    res = PostProcessTopK()(_outputs(b=1, q=4, c=3), torch.tensor([[8, 8]]))
+    assert res[0]["scores"].shape == (12,) and res[0]["boxes"].shape == (12, 4)
+    assert torch.all(res[0]["scores"][:-1] >= res[0]["scores"][1:])
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="target_sizes"):
+        PostProcess()(_outputs(b=2), torch.tensor([[8, 8]]))
+    with pytest.raises(TypeError, match="pred_logits"):
+        PostProcess()({"pred_boxes": torch.rand(1, 2, 4)}, torch.tensor([[8, 8]]))
+    with pytest.raises(ValueError, match="pred_boxes"):
+        PostProcess()({"pred_logits": torch.rand(1, 2, 3), "pred_boxes": torch.rand(1, 2, 5)}, torch.tensor([[8, 8]]))
+    with pytest.raises(ValueError, match="k must"):
+        PostProcessTopK(k=0)
