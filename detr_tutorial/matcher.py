@@ -176,13 +176,29 @@ def check_targets(targets: Sequence[dict[str, Tensor]], batch_size: int, num_cla
         if not isinstance(boxes, Tensor) or not boxes.is_floating_point() or boxes.shape != (len(labels), 4):
             raise ValueError(f"targets[{i}]['boxes'] must be a float tensor of shape ({len(labels)}, 4), "
                              f"got {getattr(boxes, 'shape', type(boxes).__name__)}")
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    # Values are checked for the whole batch at once (this runs for every decoder layer of every
+    # training step); only when something is wrong do we look for the image to name.
+    values_ok = not targets or not (_bad_labels(torch.cat([t["labels"] for t in targets]), num_classes).any()
+                                    or _bad_boxes(torch.cat([t["boxes"] for t in targets])).any())
+    for i, t in enumerate(targets):
+        labels, boxes = t["labels"], t["boxes"]
+        if not values_ok and _bad_labels(labels, num_classes).any():
             raise ValueError(f"targets[{i}]['labels'] must lie in [0, {num_classes - 1}] (class {num_classes} "
                              f"is 'no object' and never a target), got {labels.tolist()}")
-        if not torch.isfinite(boxes).all() or ((boxes < 0) | (boxes > 1)).any() or (boxes[:, 2:] <= 0).any():
+        if not values_ok and _bad_boxes(boxes).any():
             raise ValueError(f"targets[{i}]['boxes'] must be normalised (cx, cy, w, h) with values in [0, 1] "
                              f"and w, h > 0 (divide pixel boxes by the image size), got {boxes.tolist()}")
         if num_queries is not None and len(labels) > num_queries:
             raise ValueError(f"targets[{i}] has {len(labels)} objects but the model predicts only {num_queries} "
                              "boxes per image, so some objects could never be matched; raise num_queries "
                              f"to at least {len(labels)} (DETR uses 100)")
+
+
+def _bad_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """(n,) labels -> (n,) True where a label is not a class index."""
+    return (labels < 0) | (labels >= num_classes)
+
+
+def _bad_boxes(boxes: Tensor) -> Tensor:
+    """(n, 4) boxes -> (n,) True where a box is not normalised (cx, cy, w, h) with w, h > 0."""
+    return ~torch.isfinite(boxes).all(1) | ((boxes < 0) | (boxes > 1)).any(1) | (boxes[:, 2:] <= 0).any(1)
