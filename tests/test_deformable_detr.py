@@ -1,7 +1,6 @@
 """Deformable DETR: transformer pieces, the model, its options and the training builder."""
 import math
 import re
-import subprocess
 import types
 import warnings
 
@@ -11,7 +10,7 @@ import torch
 from detr_tutorial.models import DeformableDETR, build_deformable_detr
 from detr_tutorial.models.deformable_transformer import (DeformableTransformer, DeformableTransformerEncoder,
                                                          inverse_sigmoid, valid_ratios)
-from test_ms_deform_attn import OFFICIAL_REPO, load_official_module
+from test_ms_deform_attn import load_official_module, official_source
 
 SMALL = dict(backbone="small", num_classes=3, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=10, small_widths=(8, 16, 32), dropout=0.0)
@@ -145,13 +144,9 @@ def load_official_transformer():
     """The official DeformableTransformer (pure-PyTorch attention core), from the local mirror."""
     official_attn = load_official_module()
 
-    def show(path):
-        return subprocess.run(["git", "-C", str(OFFICIAL_REPO), "show", f"HEAD:{path}"],
-                              check=True, capture_output=True, text=True).stdout
-
-    misc = show("util/misc.py")
+    misc = official_source("util/misc.py")
     inv = re.search(r"def inverse_sigmoid\(.*?\n(?:    .*\n)+", misc).group(0)
-    src = show("models/deformable_transformer.py")
+    src = official_source("models/deformable_transformer.py")
     src = src.replace("from util.misc import inverse_sigmoid", inv).replace(
         "from models.ops.modules import MSDeformAttn", "")
     mod = types.ModuleType("official_deformable_transformer")

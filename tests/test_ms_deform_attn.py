@@ -1,5 +1,6 @@
 """Multi-scale deformable attention: the core op and the MSDeformAttn module."""
 import math
+import os
 import pathlib
 import subprocess
 import types
@@ -16,7 +17,16 @@ from detr_tutorial.ops import (level_start_index, multi_scale_deformable_attenti
                                multi_scale_deformable_attention_grid_sample)
 
 VECTORS = pathlib.Path(__file__).parent / "data" / "official_vectors.pt"
-OFFICIAL_REPO = pathlib.Path("/work/.mirror/fundamentalvision+Deformable-DETR/repo")
+# A git clone (bare is fine) of fundamentalvision/Deformable-DETR; the parity tests read the official
+# pure-PyTorch code from it at test time and skip when it is absent. Nothing of it is stored here.
+OFFICIAL_REPO = pathlib.Path(os.environ.get("DEFORMABLE_DETR_REPO",
+                                            "/work/.mirror/fundamentalvision+Deformable-DETR/repo"))
+
+
+def official_source(path):
+    """The text of ``path`` at HEAD of the official repository."""
+    return subprocess.run(["git", "-C", str(OFFICIAL_REPO), "show", f"HEAD:{path}"],
+                          check=True, capture_output=True, text=True).stdout
 
 
 def random_case(seed, n=2, m=3, d=4, lq=5, p=3, shapes=((6, 5), (3, 4), (1, 2)),
@@ -222,13 +232,10 @@ def load_official_module():
     """The official MSDeformAttn with its CUDA call swapped for the official pure-PyTorch
     core, loaded from the local mirror of fundamentalvision/Deformable-DETR (not stored here)."""
     if not OFFICIAL_REPO.exists():
-        pytest.skip("official Deformable-DETR mirror not available")
+        pytest.skip(f"official Deformable-DETR repository not found at {OFFICIAL_REPO} "
+                    "(set DEFORMABLE_DETR_REPO to a clone to run the parity tests)")
 
-    def show(path):
-        return subprocess.run(["git", "-C", str(OFFICIAL_REPO), "show", f"HEAD:{path}"],
-                              check=True, capture_output=True, text=True).stdout
-
-    func_src = show("models/ops/functions/ms_deform_attn_func.py").replace(
+    func_src = official_source("models/ops/functions/ms_deform_attn_func.py").replace(
         "import MultiScaleDeformableAttention as MSDA", "")
     func = types.ModuleType("official_msda_func")
     with warnings.catch_warnings():  # their docstrings hold invalid escape sequences
@@ -241,7 +248,7 @@ def load_official_module():
         def apply(value, shapes, start, loc, weights, step):
             return core(value, shapes, loc, weights)
 
-    mod_src = show("models/ops/modules/ms_deform_attn.py").replace(
+    mod_src = official_source("models/ops/modules/ms_deform_attn.py").replace(
         "from ..functions import MSDeformAttnFunction", "")
     mod = types.ModuleType("official_msda_module")
     mod.MSDeformAttnFunction = PurePyTorchFunction
