@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from detr_tutorial.losses import SetCriterion, sigmoid_focal_loss
 from detr_tutorial.matcher import HungarianMatcher
+from test_matcher import random_case as matcher_case
 
 VECTORS = torch.load(Path(__file__).parent / "data" / "official_vectors.pt", weights_only=False)
 LOSSES = ["labels", "boxes", "cardinality"]
@@ -24,17 +25,7 @@ def criterion(focal=False, eos_coef=0.1, losses=LOSSES):
 
 
 def random_case(seed, batch=2, queries=6, sizes=(2, 3), focal=False):
-    g = torch.Generator().manual_seed(seed)
-    outputs = {
-        "pred_logits": 2 * torch.randn(batch, queries, K + (0 if focal else 1), generator=g),
-        "pred_boxes": torch.rand(batch, queries, 4, generator=g) * 0.5 + 0.25,
-    }
-    targets = []
-    for n in sizes:
-        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
-        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.cat([cxcy, wh], 1)})
-    return outputs, targets
+    return matcher_case(seed, batch, queries, K, sizes, focal)
 
 
 def one_object_case(pred_box, logit_of_class, label=1):

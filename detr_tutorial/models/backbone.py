@@ -19,7 +19,7 @@ state-dict prefix ``backbone.0.``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .position_encoding import check_padding_mask
 
-__all__ = ["BackboneBase", "ResNetBackbone", "SmallBackbone", "Joiner", "downsample_mask",
+__all__ = ["BackboneBase", "ResNetBackbone", "SmallBackbone", "Joiner", "build_backbone", "downsample_mask",
            "check_images_and_mask"]
 
 
@@ -203,3 +203,28 @@ class Joiner(nn.Sequential):
         features = self[0](images, mask)
         pos = [self[1](m).to(x.dtype) for x, m in features]
         return features, pos
+
+
+def build_backbone(backbone: Union[str, nn.Module], train_backbone: bool = True,
+                   return_interm_layers: bool = False, dilation: bool = False,
+                   weights: Optional[str] = None, small_widths: Sequence[int] = (32, 64, 128),
+                   small_strides: Sequence[int] = (2, 2, 2)) -> nn.Module:
+    """A backbone from its name ("small", "resnet18", "resnet50", ...), or ``backbone`` itself when
+    it is already a module with ``num_channels`` and ``strides``.
+
+    ``return_interm_layers`` asks for the last three stages (strides 8, 16, 32 for a ResNet) instead
+    of the last one; ``train_backbone``, ``dilation`` and ``weights`` apply to ResNets,
+    ``small_widths`` and ``small_strides`` to ``SmallBackbone``.
+    """
+    if isinstance(backbone, str):
+        if backbone == "small":
+            return SmallBackbone(small_widths, small_strides, return_interm_layers=return_interm_layers)
+        if backbone in ResNetBackbone.CHANNELS:
+            return ResNetBackbone(backbone, train_backbone=train_backbone, return_interm_layers=return_interm_layers,
+                                  dilation=dilation, weights=weights)
+        raise ValueError(f"backbone must be 'small', one of {sorted(ResNetBackbone.CHANNELS)} "
+                         f"or a backbone module, got {backbone!r}")
+    if not isinstance(backbone, nn.Module) or not hasattr(backbone, "num_channels"):
+        raise TypeError("backbone must be a name or a module with num_channels and strides, "
+                        f"got {type(backbone).__name__}")
+    return backbone

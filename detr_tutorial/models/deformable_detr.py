@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Joiner, ResNetBackbone, SmallBackbone
+from .backbone import Joiner, build_backbone
 from .deformable_transformer import DeformableTransformer, inverse_sigmoid
 from .detr import MLP
 from .position_encoding import PositionEmbeddingSine
@@ -178,18 +178,8 @@ def build_deformable_detr(backbone: Union[str, nn.Module] = "resnet50", num_clas
         other arguments: see :class:`DeformableDETR` and :class:`DeformableTransformer`.
     """
     multi = num_feature_levels > 1
-    if isinstance(backbone, str):
-        if backbone == "small":
-            backbone = SmallBackbone(small_widths, small_strides, return_interm_layers=multi)
-        elif backbone in ResNetBackbone.CHANNELS:
-            backbone = ResNetBackbone(backbone, train_backbone=train_backbone, return_interm_layers=multi,
-                                      weights=backbone_weights)
-        else:
-            raise ValueError(f"backbone must be 'small', one of {sorted(ResNetBackbone.CHANNELS)} "
-                             f"or a backbone module, got {backbone!r}")
-    elif not isinstance(backbone, nn.Module) or not hasattr(backbone, "num_channels"):
-        raise TypeError("backbone must be a name or a module with num_channels and strides, "
-                        f"got {type(backbone).__name__}")
+    backbone = build_backbone(backbone, train_backbone=train_backbone, return_interm_layers=multi,
+                              weights=backbone_weights, small_widths=small_widths, small_strides=small_strides)
     if hidden_dim % 2:
         raise ValueError(f"hidden_dim must be even (half the channels encode y, half x), got {hidden_dim}")
     position = PositionEmbeddingSine(hidden_dim // 2, normalize=True, offset=-0.5)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import Joiner, ResNetBackbone, SmallBackbone
+from .backbone import Joiner, build_backbone
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import Transformer
 
@@ -131,18 +131,8 @@ def build_detr(backbone: Union[str, nn.Module] = "resnet50", num_classes: int = 
             torchvision's pretrained weights.
         small_widths, small_strides: ``SmallBackbone`` options.
     """
-    if isinstance(backbone, str):
-        if backbone == "small":
-            backbone = SmallBackbone(small_widths, small_strides)
-        elif backbone in ResNetBackbone.CHANNELS:
-            backbone = ResNetBackbone(backbone, train_backbone=train_backbone, dilation=dilation,
-                                      weights=backbone_weights)
-        else:
-            raise ValueError(f"backbone must be 'small', one of {sorted(ResNetBackbone.CHANNELS)} "
-                             f"or a backbone module, got {backbone!r}")
-    elif not isinstance(backbone, nn.Module) or not hasattr(backbone, "num_channels"):
-        raise TypeError(f"backbone must be a name or a module with num_channels and strides, "
-                        f"got {type(backbone).__name__}")
+    backbone = build_backbone(backbone, train_backbone=train_backbone, dilation=dilation, weights=backbone_weights,
+                              small_widths=small_widths, small_strides=small_strides)
     if hidden_dim % 2:
         raise ValueError(f"hidden_dim must be even (half the channels encode y, half x), got {hidden_dim}")
     if position_embedding == "sine":
