@@ -128,6 +128,21 @@ PRESETS: dict[str, Preset] = {
 PRESETS["shapes_cpu"].models["deformable_detr"] = dict(_SMALL_DETR)
 PRESETS["tiny"].models["deformable_detr"] = dict(PRESETS["tiny"].models["detr"])
 
+# The convergence race (chapter 13): same data, optimiser and transformer for both models. Deformable DETR's
+# backbone has two more stride-2 stages, so its levels sit at strides 8/16/32 (+64 from the extra conv), as
+# in the paper; DETR reads the stride-8 map, the output of the same first three stages (at 64 px a
+# stride-32 map would be 2 x 2 pixels).
+PRESETS["race_cpu"] = Preset(
+    description="DETR vs Deformable DETR, a few hundred CPU steps each (chapter 13)",
+    data=DataConfig(num_train=400, num_val=50),
+    batch_size=8,
+    train=TrainConfig(epochs=8, lr=1e-3, lr_backbone=1e-3, weight_decay=1e-4, lr_drop=1000, warmup_steps=20,
+                      clip_max_norm=0.1, eval_every=1),
+    models={"detr": dict(_SMALL_DETR),
+            "deformable_detr": dict(_SMALL_DETR, small_widths=(16, 32, 64, 64, 64),
+                                    small_strides=(2, 2, 2, 2, 2))},
+)
+
 
 def get_preset(name: str, **train_overrides) -> Preset:
     """``PRESETS[name]``, with ``TrainConfig`` fields replaced by ``train_overrides`` (e.g. ``epochs=3``)."""
