@@ -1,7 +1,6 @@
 """Deformable DETR: transformer pieces, the model, its options and the training builder."""
 import math
 import re
-import types
 import warnings
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 from detr_tutorial.models import DeformableDETR, build_deformable_detr
 from detr_tutorial.models.deformable_transformer import (DeformableTransformer, DeformableTransformerEncoder,
                                                          inverse_sigmoid, valid_ratios)
-from test_ms_deform_attn import load_official_module, official_source
+from test_ms_deform_attn import load_official_module, official_module, official_source
 
 SMALL = dict(backbone="small", num_classes=3, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=10, small_widths=(8, 16, 32), dropout=0.0)
@@ -149,12 +148,7 @@ def load_official_transformer():
     src = official_source("models/deformable_transformer.py")
     src = src.replace("from util.misc import inverse_sigmoid", inv).replace(
         "from models.ops.modules import MSDeformAttn", "")
-    mod = types.ModuleType("official_deformable_transformer")
-    mod.MSDeformAttn = official_attn
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(compile(src, "official_deformable_transformer", "exec"), mod.__dict__)
-    return mod.DeformableTransformer
+    return official_module("official_deformable_transformer", src, MSDeformAttn=official_attn).DeformableTransformer
 
 
 @pytest.mark.parametrize("refine", [False, True])

@@ -29,6 +29,16 @@ def official_source(path):
                           check=True, capture_output=True, text=True).stdout
 
 
+def official_module(name, src, **names):
+    """Execute official source ``src`` as a fresh module holding ``names`` (its stripped imports)."""
+    mod = types.ModuleType(name)
+    mod.__dict__.update(names)
+    with warnings.catch_warnings():  # their docstrings hold invalid escape sequences
+        warnings.simplefilter("ignore")
+        exec(compile(src, name, "exec"), mod.__dict__)
+    return mod
+
+
 def random_case(seed, n=2, m=3, d=4, lq=5, p=3, shapes=((6, 5), (3, 4), (1, 2)),
                 dtype=torch.float64, spread=0.3):
     """Inputs with locations in [-spread, 1 + spread], so some points fall off the map."""
@@ -237,11 +247,7 @@ def load_official_module():
 
     func_src = official_source("models/ops/functions/ms_deform_attn_func.py").replace(
         "import MultiScaleDeformableAttention as MSDA", "")
-    func = types.ModuleType("official_msda_func")
-    with warnings.catch_warnings():  # their docstrings hold invalid escape sequences
-        warnings.simplefilter("ignore")
-        exec(compile(func_src, "official_msda_func", "exec"), func.__dict__)
-    core = func.ms_deform_attn_core_pytorch
+    core = official_module("official_msda_func", func_src).ms_deform_attn_core_pytorch
 
     class PurePyTorchFunction:
         @staticmethod
@@ -250,12 +256,7 @@ def load_official_module():
 
     mod_src = official_source("models/ops/modules/ms_deform_attn.py").replace(
         "from ..functions import MSDeformAttnFunction", "")
-    mod = types.ModuleType("official_msda_module")
-    mod.MSDeformAttnFunction = PurePyTorchFunction
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(compile(mod_src, "official_msda_module", "exec"), mod.__dict__)
-    return mod.MSDeformAttn
+    return official_module("official_msda_module", mod_src, MSDeformAttnFunction=PurePyTorchFunction).MSDeformAttn
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
