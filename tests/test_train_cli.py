@@ -1,4 +1,5 @@
 """The training CLI on the 'tiny' preset: checkpoints, metrics.jsonl, resume, devices."""
+import dataclasses
 import json
 
 import pytest
@@ -22,6 +23,30 @@ def test_train_writes_checkpoint_and_metrics(tmp_path):
     assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "AP", "AP50", "step"} <= set(records[0])
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     assert state["epoch"] == 1 and state["step"] == records[0]["step"] > 0
+
+
+def test_commands_jsonl_records_every_invocation(tmp_path):
+    _run(tmp_path, "--epochs", "1", "--image-size", "40", "--object-size", "0.2", "0.3")
+    _run(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth"))
+    first, second = [json.loads(line) for line in (tmp_path / "commands.jsonl").read_text().splitlines()]
+    assert first["command"].startswith("python -m detr_tutorial.train --preset tiny")
+    assert "--image-size 40" in first["command"] and "--resume" in second["command"]
+    assert first["model"] == "detr" and first["preset"]["data"]["image_size"] == 40
+    assert first["preset"]["data"]["object_size"] == [0.2, 0.3]
+    assert second["preset"]["data"]["image_size"] == presets.PRESETS["tiny"].data.image_size
+    assert first["threads"] == torch.get_num_threads() and first["torch"] == torch.__version__
+
+
+def test_data_overrides_reach_the_data(tmp_path):
+    preset = presets.get_preset("tiny", data={"image_size": 40, "object_size": (0.1, 0.2)}, epochs=1)
+    train_loader, val_loader, _ = presets.build_loaders(preset)
+    images, mask, targets = next(iter(train_loader))
+    assert images.shape[-2:] == (40, 40) and next(iter(val_loader))[0].shape[-2:] == (40, 40)
+    sides = torch.cat([t["boxes"][:, 2:] for t in targets])  # normalised (w, h), a shape may be clipped
+    assert sides.max() <= 0.2 + 1e-6 and sides.max() >= 0.1
+    assert preset.train.epochs == 1 and presets.PRESETS["tiny"].data.image_size == 32
+    with pytest.raises(ValueError, match="image_sise"):
+        presets.get_preset("tiny", data={"image_sise": 40})
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -64,3 +89,16 @@ def test_evaluating_does_not_change_the_training_run(tmp_path):
     often, rarely = _records(tmp_path / "often"), _records(tmp_path / "rarely")
     assert "AP" in often[0] and "AP" not in rarely[0]
     assert often[1]["loss"] == rarely[1]["loss"] and often[1]["AP"] == rarely[1]["AP"]
+
+
+def test_race_preset_is_fair():
+    race, shapes = presets.PRESETS["race"], presets.PRESETS["shapes_cpu"]
+    assert race.data == shapes.data and race.batch_size == shapes.batch_size
+    assert dataclasses.replace(race.train, eval_every=shapes.train.eval_every) == shapes.train
+    detr, deformable = race.models["detr"], race.models["deformable_detr"]
+    backbone_keys = {"small_widths", "small_strides"}
+    assert {k: v for k, v in detr.items() if k not in backbone_keys} == \
+        {k: v for k, v in deformable.items() if k not in backbone_keys}
+    # DETR reads the output of the same first three stages that start Deformable DETR's backbone
+    assert tuple(deformable["small_widths"][:3]) == tuple(detr["small_widths"])
+    assert tuple(deformable["small_strides"][:3]) == tuple(detr["small_strides"])
