@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .notebook import seed_everything
-from .presets import MODELS, PRESETS, get_preset, make_trainer
+from .presets import MODELS, PRESETS, Preset, get_preset, make_trainer
 
 __all__ = ["main", "parse_args", "record_command", "resolve_device"]
 
@@ -41,7 +41,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def record_command(out: str | Path, argv: Sequence[str], preset, model: str, device: torch.device) -> dict:
+def record_command(out: str | Path, argv: Sequence[str], preset: Preset, model: str,
+                   device: torch.device) -> dict:
     """Append this invocation to ``out/commands.jsonl`` and return the record."""
     record = {"command": shlex.join(["python", "-m", "detr_tutorial.train", *argv]), "model": model,
               "preset": dataclasses.asdict(preset), "device": str(device), "threads": torch.get_num_threads(),
