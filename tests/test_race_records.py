@@ -1,9 +1,9 @@
 """The race results that chapter 13 shows from the command line must still describe the code.
 
 Each folder under ``book/race_runs/`` holds the ``commands.jsonl`` and ``metrics.jsonl`` that
-``python -m detr_tutorial.train`` wrote. If the ``race`` preset, a model's settings or the CLI
-change, these records no longer say what today's command would do, and this test fails: rerun
-the commands printed in the chapter and copy the two files again.
+``python -m detr_tutorial.train`` wrote. If the ``race`` or ``race_long`` preset, a model's
+settings or the CLI change, these records no longer say what today's command would do, and this
+test fails: rerun the commands printed in the chapter and copy the two files again.
 """
 import dataclasses
 import json
@@ -41,7 +41,7 @@ def test_recorded_run_matches_todays_command(run):
     argv = shlex.split(commands[-1]["command"])
     assert argv[:3] == ["python", "-m", "detr_tutorial.train"]
     args = train.parse_args(argv[3:])
-    assert args.preset == "race" and args.model == commands[-1]["model"]
+    assert args.preset in ("race", "race_long") and args.model == commands[-1]["model"]
     data = {"image_size": args.image_size}
     if args.object_size is not None:
         data["object_size"] = tuple(args.object_size)

@@ -102,3 +102,12 @@ def test_race_preset_is_fair():
     # DETR reads the output of the same first three stages that start Deformable DETR's backbone
     assert tuple(deformable["small_widths"][:3]) == tuple(detr["small_widths"])
     assert tuple(deformable["small_strides"][:3]) == tuple(detr["small_strides"])
+
+
+def test_long_race_only_stretches_the_schedule():
+    race, long = presets.PRESETS["race"], presets.PRESETS["race_long"]
+    assert long.data == race.data and long.batch_size == race.batch_size and long.models == race.models
+    assert long.train.epochs == 3 * race.train.epochs
+    # the learning rate drops at the same fraction of the schedule
+    assert long.train.lr_drop / long.train.epochs == race.train.lr_drop / race.train.epochs
+    assert dataclasses.replace(long.train, epochs=race.train.epochs, lr_drop=race.train.lr_drop) == race.train
