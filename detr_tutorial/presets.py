@@ -144,7 +144,7 @@ PRESETS["race"] = Preset(
 )
 
 # The same race on a schedule three times as long (the drop stays at 3/4 of it), for settings in which DETR is
-# still on its plateau after 16 epochs; it runs through the CLI (about 1.5 hours per model on one core at 128 px).
+# still on its plateau after 16 epochs; it runs through the CLI (one to 1.5 hours per model on one core at 128 px).
 PRESETS["race_long"] = dataclasses.replace(
     PRESETS["race"], description="the race on a 3x longer schedule (chapter 13, command line only)",
     train=dataclasses.replace(PRESETS["race"].train, epochs=48, lr_drop=36))
