@@ -24,6 +24,8 @@ book: $(STAMP)
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
 ## make test: library tests, every chapter under nbval, the book build and its browser check
+# nbval's per-cell timeout (600 s, pyproject.toml) equals make execute's: a guard against a hung
+# cell, far above any chapter's budget (90 s per chapter, 4 min when it trains).
 test: $(STAMP)
 	$(MAKE) book
 	$(BIN)/python -m pytest --nbval -q tests book
