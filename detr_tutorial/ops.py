@@ -110,8 +110,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
     Half precision keeps 8 (bfloat16) or 11 (float16) significant bits: a normalised location
     rounded to bfloat16 can be off by 2^-9 of the map, half a pixel on a 256-pixel-wide level,
-    and the bilinear weights inherit that error. PyTorch's own autocast runs ``grid_sample`` in
-    float32 for the same reason; this core does the same and returns the value's dtype.
+    and the bilinear weights inherit that error. PyTorch's CPU autocast likewise runs
+    ``grid_sample`` in float32; the caller casts the result back to the value's dtype.
     """
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
