@@ -14,34 +14,25 @@ with other work, multi-threaded timings of the library (many mid-sized
 elementwise ops, each waiting for every thread) suffer far more than those of
 the grid_sample version (fewer, larger ops); there, compare with ``--threads 1``.
 
-Peak memory: PyTorch's CPU allocations come from ``malloc``/``mmap`` and are
-invisible to ``tracemalloc``. Each (variant, pass) therefore runs in a fresh
-subprocess that builds the inputs, resets the kernel's peak-RSS counter
-(writing ``5`` to ``/proc/self/clear_refs``, Linux), notes the resident set size,
-runs the pass once and reads the peak (``VmHWM``). ``malloc`` is told
-(``mallopt``) to serve blocks above 64 KiB with ``mmap``, so freed tensors go back
-to the system instead of being recycled unseen, and ``malloc_trim`` returns the
-warm-up's freed memory before the measurement. The difference is the extra
-memory the pass needed at its peak (inputs excluded, outputs and gradients
-included). Large blocks are ``mmap``-ed and returned on free, so this is the
-high-water mark of the pass, to a few pages.
+Peak memory: each (variant, pass) runs once more under ``torch.profiler`` with
+``profile_memory=True`` (:func:`detr_tutorial.profiling.peak_memory_mib`), which
+records every allocation and free of PyTorch's allocator; the maximum of their
+running sum is the extra memory the pass needed at its peak (inputs excluded,
+outputs and gradients included). It works on any operating system.
 
 Usage: ``python benchmarks/bench_ms_deform_attn.py [--threads 2] [--repeats 15]``
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from detr_tutorial.ops import (multi_scale_deformable_attention,
                                multi_scale_deformable_attention_grid_sample)
+from detr_tutorial.profiling import peak_memory_mib
 
 VARIANTS = {"library": multi_scale_deformable_attention,
             "grid_sample": multi_scale_deformable_attention_grid_sample}
@@ -71,36 +62,6 @@ def run_once(fn, inputs, backward: bool) -> None:
             fn(value, shapes, loc, attn)
 
 
-def peak_child(variant: str, backward: bool) -> None:
-    """Runs in a subprocess: print the peak-RSS growth (MiB) of one pass."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    run_once(VARIANTS[variant], make_inputs(batch=1, queries=4), backward)  # load kernels, tiny
-    inputs = make_inputs()
-    libc.malloc_trim(0)  # return freed heap memory, so that re-using it is counted again
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak RSS := current RSS
-    before = _status_kib("VmRSS")
-    run_once(VARIANTS[variant], inputs, backward)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (peak memory needs Linux)")
-
-
-def peak_mib(variant: str, backward: bool, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--child", variant, "--threads", str(threads)]
-    if backward:
-        cmd.append("--backward")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
-
-
 def time_ms(repeats: int, backward: bool) -> dict[str, list[float]]:
     inputs = make_inputs()
     times = {name: [] for name in VARIANTS}
@@ -118,13 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    parser.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child:
-        peak_child(args.child, args.backward)
-        return
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} alternating repeats")
     print(f"batch {BATCH}, levels {SHAPES}, {HEADS} heads, {POINTS} points, "
@@ -132,7 +88,9 @@ def main() -> None:
     print(f"{'pass':<18}{'variant':<13}{'median ms':>10}{'min ms':>9}{'peak MiB':>10}")
     for backward, label in ((False, "forward"), (True, "forward+backward")):
         times = time_ms(args.repeats, backward)
-        peaks = {name: peak_mib(name, backward, args.threads) for name in VARIANTS}
+        inputs = make_inputs()
+        peaks = {name: peak_memory_mib(lambda fn=fn: run_once(fn, inputs, backward))
+                 for name, fn in VARIANTS.items()}
         for name in VARIANTS:
             print(f"{label:<18}{name:<13}{statistics.median(times[name]):>10.1f}"
                   f"{min(times[name]):>9.1f}{peaks[name]:>10.1f}")

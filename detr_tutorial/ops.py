@@ -24,6 +24,8 @@ Time and memory: ``benchmarks/bench_ms_deform_attn.py``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +44,7 @@ def level_start_index(spatial_shapes: Tensor) -> Tensor:
     Returns:
         ``(L,)`` long tensor ``[0, H0·W0, H0·W0 + H1·W1, ...]``.
     """
+    _check_spatial_shapes(spatial_shapes)
     areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     return torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).long()
 
@@ -53,11 +56,11 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
                     ("attention_weights", attention_weights)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if name != "spatial_shapes" and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if value.dim() != 4:
         raise ValueError(f"value must have shape (N, S, M, D), got {tuple(value.shape)}")
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.is_floating_point():
-        raise ValueError("spatial_shapes must be an integer tensor of shape (L, 2) holding (H, W), "
-                         f"got {spatial_shapes.dtype} {tuple(spatial_shapes.shape)}")
+    _check_spatial_shapes(spatial_shapes)
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
         raise ValueError("sampling_locations must have shape (N, Lq, M, L, P, 2) with (x, y) last, "
                          f"got {tuple(sampling_locations.shape)}")
@@ -69,21 +72,48 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
     if spatial_shapes.shape[0] != levels:
         raise ValueError(f"spatial_shapes has {spatial_shapes.shape[0]} levels but "
                          f"sampling_locations has L = {levels}")
-    if (spatial_shapes <= 0).any():
-        raise ValueError(f"spatial_shapes must be positive, got {spatial_shapes.tolist()}")
     total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
     if total != s:
         raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} sum to {total} positions "
                          f"but value has S = {s}")
+    if points == 0:
+        raise ValueError("sampling_locations must hold at least one point per level, got P = 0")
     if tuple(attention_weights.shape) != (n, lq, m, levels, points):
         raise ValueError(f"attention_weights must have shape (N, Lq, M, L, P) = "
                          f"{(n, lq, m, levels, points)}, got {tuple(attention_weights.shape)}")
-    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
-        raise TypeError("value, sampling_locations and attention_weights must share a dtype, got "
-                        f"{value.dtype}, {sampling_locations.dtype}, {attention_weights.dtype}")
-    if sampling_locations.numel() and not all(
-            torch.isfinite(t) for t in torch.aminmax(sampling_locations)):  # one pass; NaN propagates
-        raise ValueError("sampling_locations must be finite (no NaN or inf)")
+    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if t.device != value.device:
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+    for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights),
+                    ("value", value)):
+        # one pass; NaN propagates to the min and max. value too: an off-map corner reads some
+        # row with weight 0, and 0 * inf = NaN would leak into queries that never sample it
+        if t.numel() and not all(torch.isfinite(x) for x in torch.aminmax(t.detach())):
+            raise ValueError(f"{name} must be finite (no NaN or inf)")
+
+
+def _check_spatial_shapes(spatial_shapes: Tensor) -> None:
+    if not isinstance(spatial_shapes, Tensor):
+        raise TypeError(f"spatial_shapes must be a torch.Tensor, got {type(spatial_shapes).__name__}")
+    if (spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2 or spatial_shapes.is_floating_point()
+            or spatial_shapes.dtype == torch.bool or spatial_shapes.is_complex()):
+        raise ValueError("spatial_shapes must be an integer tensor of shape (L, 2) holding (H, W), "
+                         f"got {spatial_shapes.dtype} {tuple(spatial_shapes.shape)}")
+    if spatial_shapes.shape[0] == 0:
+        raise ValueError("spatial_shapes must hold at least one level, got shape (0, 2)")
+    if (spatial_shapes <= 0).any():
+        raise ValueError(f"spatial_shapes must be positive, got {spatial_shapes.tolist()}")
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The widest floating dtype among ``tensors``, and at least float32.
+
+    Half precision keeps 8 (bfloat16) or 11 (float16) significant bits: a normalised location
+    rounded to bfloat16 can be off by 2^-9 of the map, half a pixel on a 256-pixel-wide level,
+    and the bilinear weights inherit that error. PyTorch's CPU autocast likewise runs
+    ``grid_sample`` in float32; the caller casts the result back to the value's dtype.
+    """
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
 class _Bilinear:
@@ -149,7 +179,7 @@ def _splat(grad: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
         # points × queries as grid_sample's output "image": the long Lq axis is innermost
         loc = sampling_locations[:, :, :, lvl].permute(0, 2, 3, 1, 4).flatten(0, 1)  # (N·M, P, Lq, 2)
-        attn = attention_weights[:, :, :, lvl].permute(0, 2, 3, 1).reshape(n * m, 1, -1, lq)
+        attn = attention_weights[:, :, :, lvl].permute(0, 2, 3, 1).reshape(n * m, 1, loc.shape[1], lq)
         like_input = grad.new_empty(()).expand(n * m, d, h, w)  # only its shape is read
         grad_level, _ = torch.ops.aten.grid_sampler_2d_backward(
             grad_t * attn, like_input, 2 * loc - 1, 0, 0, False, [True, False])
@@ -165,8 +195,9 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         n, s, m, d = value.shape
         lq = sampling_locations.shape[1]
         bil = _Bilinear(sampling_locations, spatial_shapes)
-        rows = bil.corner_rows(spatial_shapes, n, s, m).view(n * lq * m, -1)
-        weights = bil.corner_weights(attention_weights).view(n * lq * m, -1)
+        corners = 4 * attention_weights.shape[3] * attention_weights.shape[4]  # 4·L·P per bag
+        rows = bil.corner_rows(spatial_shapes, n, s, m).view(n * lq * m, corners)
+        weights = bil.corner_weights(attention_weights).view(n * lq * m, corners)
         ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights, rows)
         ctx.bilinear = bil  # intermediates made inside forward (no autograd history): kept as is
         out = F.embedding_bag(rows, value.reshape(n * s * m, d), mode="sum", per_sample_weights=weights)
@@ -219,12 +250,19 @@ def multi_scale_deformable_attention(value: Tensor, spatial_shapes: Tensor,
             Points outside [0, 1] read zeros.
         attention_weights: ``(N, Lq, M, L, P)`` weight of each sample.
 
+    The three may have different floating dtypes (as under ``torch.autocast``): the
+    sum is computed in the widest of them and at least float32, and returned in
+    ``value``'s dtype; gradients come back in each input's dtype.
+
     Returns:
-        ``(N, Lq, M·D)`` heads concatenated along the channels.
+        ``(N, Lq, M·D)`` heads concatenated along the channels, ``value.dtype``.
     """
     _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
-    return _MSDeformAttnFunction.apply(value, spatial_shapes.to(value.device), sampling_locations,
-                                       attention_weights)
+    dtype = _compute_dtype(value, sampling_locations, attention_weights)
+    # cast explicitly: none of the ops inside is on autocast's lower-precision list
+    out = _MSDeformAttnFunction.apply(value.to(dtype), spatial_shapes.to(value.device),
+                                      sampling_locations.to(dtype), attention_weights.to(dtype))
+    return out.to(value.dtype)
 
 
 def multi_scale_deformable_attention_grid_sample(value: Tensor, spatial_shapes: Tensor,
@@ -237,6 +275,9 @@ def multi_scale_deformable_attention_grid_sample(value: Tensor, spatial_shapes: 
     The book builds it first and the benchmark compares against it.
     """
     _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    out_dtype, dtype = value.dtype, _compute_dtype(value, sampling_locations, attention_weights)
+    value, sampling_locations, attention_weights = (
+        t.to(dtype) for t in (value, sampling_locations, attention_weights))
     n, _, m, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
     sizes = [h * w for h, w in spatial_shapes.tolist()]
@@ -249,4 +290,4 @@ def multi_scale_deformable_attention_grid_sample(value: Tensor, spatial_shapes: 
                                      align_corners=False))  # (N·M, D, Lq, P)
     samples = torch.stack(samples, -2).flatten(-2)  # (N·M, D, Lq, L·P)
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
-    return (samples * weights).sum(-1).view(n, m * d, lq).transpose(1, 2)
+    return (samples * weights).sum(-1).view(n, m * d, lq).transpose(1, 2).to(out_dtype)

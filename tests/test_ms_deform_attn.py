@@ -127,6 +127,12 @@ def test_matches_grid_sample_forward_and_gradients(n, m, d, lq, p, shapes, seed)
 
 def test_gradcheck():
     value, shapes, loc, attn = random_case(2, n=1, m=2, d=2, lq=3, p=2, shapes=((3, 4), (2, 2)))
+    loc[0, 0, 0, :, 0] = torch.tensor([0.0, 1.0])  # on the left and bottom borders of the map
+    loc[0, 1, 1, :, 1] = torch.tensor([1.0, 0.0])  # on the right and top borders
+    assert ((loc < 0) | (loc > 1)).any()  # and some off the map
+    # bilinear sampling has kinks at pixel centres (integer pixel coordinates): stay away from them
+    pix = loc * shapes.flip(-1).to(loc.dtype)[:, None] - 0.5
+    assert ((pix - pix.round()).abs() > 1e-3).all()
     inputs = [t.requires_grad_() for t in (value, loc, attn)]
     assert torch.autograd.gradcheck(
         lambda v, sl, a: multi_scale_deformable_attention(v, shapes, sl, a), inputs)
@@ -139,19 +145,67 @@ def test_float32_close_to_float64():
     torch.testing.assert_close(out32, out64.float(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda v, s, sl, a: (v, torch.tensor([[6, 5], [3, 4], [2, 2]]), sl, a), "sum to"),
-    (lambda v, s, sl, a: (v, s, sl[..., :1], a), r"\(x, y\)"),
-    (lambda v, s, sl, a: (v, s, sl, a[..., :-1]), "attention_weights"),
-    (lambda v, s, sl, a: (v, s.float(), sl, a), "integer"),
-    (lambda v, s, sl, a: (v, s[:2], sl, a), "levels"),
-    (lambda v, s, sl, a: (v[0], s, sl, a), r"\(N, S, M, D\)"),
-    (lambda v, s, sl, a: (v, s, sl.float(), a), "dtype"),
-    (lambda v, s, sl, a: (v, s, sl.index_fill(0, torch.tensor([0]), float("nan")), a), "finite"),
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda v, s, sl, a: (v, torch.tensor([[6, 5], [3, 4], [2, 2]]), sl, a), ValueError, "sum to"),
+    (lambda v, s, sl, a: (v[:, :-1], s, sl, a), ValueError, "value has S = 43"),
+    (lambda v, s, sl, a: (v, s, sl[..., :1], a), ValueError, r"\(x, y\)"),
+    (lambda v, s, sl, a: (v, s, sl, a[..., :-1]), ValueError, "attention_weights must have shape"),
+    (lambda v, s, sl, a: (v, s.float(), sl, a), ValueError, "spatial_shapes must be an integer"),
+    (lambda v, s, sl, a: (v, s.flatten(), sl, a), ValueError, r"spatial_shapes .* shape \(L, 2\)"),
+    (lambda v, s, sl, a: (v, s[:2], sl, a), ValueError, "levels"),
+    (lambda v, s, sl, a: (v[:, :0], s[:0], sl[:, :, :, :0], a[:, :, :, :0]), ValueError, "at least one level"),
+    (lambda v, s, sl, a: (v, s * torch.tensor([1, 0]), sl, a), ValueError, "spatial_shapes must be positive"),
+    (lambda v, s, sl, a: (v, s, sl[..., :0, :], a[..., :0]), ValueError, "at least one point"),
+    (lambda v, s, sl, a: (v[0], s, sl, a), ValueError, r"value must have shape \(N, S, M, D\)"),
+    (lambda v, s, sl, a: (v[:1], s, sl, a), ValueError, "do not match value's"),
+    (lambda v, s, sl, a: (v.long(), s, sl, a), TypeError, "value must be a floating-point"),
+    (lambda v, s, sl, a: (v, s, sl.long(), a), TypeError, "sampling_locations must be a floating-point"),
+    (lambda v, s, sl, a: (v, s, sl, a > 0.5), TypeError, "attention_weights must be a floating-point"),
+    (lambda v, s, sl, a: (v, s.tolist(), sl, a), TypeError, "spatial_shapes must be a torch.Tensor"),
+    (lambda v, s, sl, a: (v, s, sl.index_fill(0, torch.tensor([0]), NAN), a), ValueError,
+     "sampling_locations must be finite"),
+    (lambda v, s, sl, a: (v, s, sl, a.index_fill(0, torch.tensor([1]), NAN)), ValueError,
+     "attention_weights must be finite"),
+    (lambda v, s, sl, a: (v.index_fill(1, torch.tensor([3]), float("inf")), s, sl, a), ValueError,
+     "value must be finite"),
 ])
-def test_bad_inputs_raise(mutate, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        multi_scale_deformable_attention(*mutate(*random_case(4)))
+@pytest.mark.parametrize("fn", [multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample])
+def test_bad_inputs_raise(fn, mutate, error, match):
+    with pytest.raises(error, match=match):
+        fn(*mutate(*random_case(4)))
+
+
+def test_level_start_index_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="at least one level"):
+        level_start_index(torch.zeros(0, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        level_start_index(torch.tensor([[2.0, 3.0]]))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        level_start_index([[2, 3]])
+
+
+def test_inf_in_value_raises():
+    """Why value is checked: off-map corners read some row with weight 0, and 0 · inf = NaN
+    would reach queries that never sample that row."""
+    value, shapes, loc, attn = random_case(5)
+    value[:, 0] = float("inf")  # the row every off-map corner of batch 0 is clamped to
+    with pytest.raises(ValueError, match="value must be finite"):
+        multi_scale_deformable_attention(value, shapes, loc, attn)
+
+
+@pytest.mark.parametrize("n, lq", [(0, 5), (2, 0)])
+def test_empty_batch_or_queries(n, lq):
+    value, shapes, loc, attn = random_case(6, n=2, lq=5)
+    value, loc, attn = (t[:n].clone().requires_grad_() for t in (value, loc[:, :lq], attn[:, :lq]))
+    for fn in (multi_scale_deformable_attention, multi_scale_deformable_attention_grid_sample):
+        out = fn(value, shapes, loc, attn)
+        assert out.shape == (n, lq, 3 * 4)
+        out.sum().backward()
+        assert value.grad.shape == value.shape and value.grad.abs().sum() == 0
+        value.grad = None
 
 
 # ----------------------------------------------------------------------------- module
@@ -236,6 +290,113 @@ def test_module_shapes_gradients_and_errors():
         attn(query, torch.rand(2, 7, 2, 3), src, shapes, start)
     with pytest.raises(ValueError, match="do not sum"):
         attn(query, ref, src[:, :-1], shapes, start)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda q, r, x, s, i, m: (q[0], r, x, s, i, m), ValueError, "query .* must be 3-d"),
+    (lambda q, r, x, s, i, m: (q, r, x[0], s, i, m), ValueError, "input_flatten .* must be 3-d"),
+    (lambda q, r, x, s, i, m: (q[:1], r[:1], x, s, i, m), ValueError, "query has batch 1"),
+    (lambda q, r, x, s, i, m: (q[..., :16], r, x, s, i, m), ValueError, "32 channels"),
+    (lambda q, r, x, s, i, m: (q, r[:, :, :1], x, s, i, m), ValueError, "reference_points must have shape"),
+    (lambda q, r, x, s, i, m: (q, (r * 4).long(), x, s, i, m), TypeError, "reference_points must be a floating"),
+    (lambda q, r, x, s, i, m: (q, r, x, s[:1], i, m), ValueError, r"input_spatial_shapes must have shape \(2, 2\)"),
+    (lambda q, r, x, s, i, m: (q, r, x, s, i + 1, m), ValueError, r"input_level_start_index must be \[0, 48\]"),
+    (lambda q, r, x, s, i, m: (q, r, x, s, i, m.float()), TypeError, "input_padding_mask must be a bool"),
+    (lambda q, r, x, s, i, m: (q, r, x, s, i, m[:, 1:]), ValueError, "input_padding_mask must have shape"),
+    (lambda q, r, x, s, i, m: (q.tolist(), r, x, s, i, m), TypeError, "query must be a torch.Tensor"),
+    (lambda q, r, x, s, i, m: (q, r, x.index_fill(1, torch.tensor([2]), NAN), s, i, m), ValueError,
+     "value must be finite"),
+])
+def test_module_bad_inputs_raise(mutate, error, match):
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)
+    query, ref, src, shapes, start = flat_inputs()
+    mask = torch.zeros(2, src.shape[1], dtype=torch.bool)
+    attn(query, ref, src, shapes, start, mask)  # the unmutated inputs are fine
+    with pytest.raises(error, match=match):
+        attn(*mutate(query, ref, src, shapes, start, mask))
+
+
+# ----------------------------------------------------------------------------- half precision
+
+BF16_STEP = 2.0 ** -8  # bfloat16 keeps 8 significant bits: neighbouring values differ by 2^-8 relative
+
+
+def test_core_computes_half_precision_in_float32():
+    """bfloat16 value and weights with float32 locations (what a bf16 model or autocast hands
+    over): the sum runs in float32 on the given numbers, only the result is rounded."""
+    value, shapes, loc, attn = random_case(7, dtype=torch.float32)
+    attn = attn.softmax(-1)  # weights of a head sum to at most 1 (per level here), as in the model
+    half = [value.bfloat16().requires_grad_(), loc.clone().requires_grad_(), attn.bfloat16().requires_grad_()]
+    exact = [t.detach().float().requires_grad_() for t in half]
+    grad = torch.randn(2, 5, 12)
+    out = multi_scale_deformable_attention(half[0], shapes, half[1], half[2])
+    ref = multi_scale_deformable_attention(exact[0], shapes, exact[1], exact[2])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    out.backward(grad.bfloat16())
+    ref.backward(grad.bfloat16().float())
+    for h, e in zip(half, exact):
+        assert h.grad.dtype == h.dtype
+        torch.testing.assert_close(h.grad, e.grad.to(h.dtype), rtol=0, atol=0)
+    # against the unrounded float32 inputs: rounding value and weights costs at most half a step
+    # each, relative to Σ|A·b·v| <= 3 levels · max|v|; rounding the result half a step of |out|
+    bound = 3 * value.abs().max() * BF16_STEP * 1.5
+    torch.testing.assert_close(out.float(), multi_scale_deformable_attention(value, shapes, loc, attn),
+                               rtol=0, atol=bound)
+    torch.testing.assert_close(multi_scale_deformable_attention_grid_sample(half[0], shapes, half[1], half[2]),
+                               out, rtol=0, atol=float(out.detach().abs().max()) * BF16_STEP)
+
+
+def test_core_ignores_autocast():
+    """Under autocast the core sees its inputs as they are and computes in their dtype."""
+    args = random_case(8, dtype=torch.float32)
+    expected = multi_scale_deformable_attention(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = multi_scale_deformable_attention(*args)
+        out_gs = multi_scale_deformable_attention_grid_sample(*args)
+    assert out.dtype == out_gs.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out_gs, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"with_box_refine": True}])
+@pytest.mark.parametrize("mode", ["bfloat16 model", "autocast"])
+def test_deformable_detr_in_bfloat16(mode, options):
+    from test_deformable_detr import SMALL, images_and_mask  # imports this module: import late
+
+    from detr_tutorial.models import build_deformable_detr
+    torch.manual_seed(0)
+    model = build_deformable_detr(**SMALL, **options).eval()
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        expected = model(images, mask)
+        if mode == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(images, mask)
+        else:
+            out = model.to(torch.bfloat16)(images.bfloat16(), mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert out[key].dtype == torch.bfloat16
+        # each layer rounds its output to 8 bits; through backbone, encoder and 2 decoder layers the
+        # roundings add up to about one step at the output's scale (measured: 1.2): allow 4
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(out[key].float(), expected[key], rtol=0, atol=4 * BF16_STEP * scale)
+
+
+def test_two_stage_deformable_detr_runs_in_bfloat16():
+    """Two-stage picks its queries by top-k over nearly tied encoder scores at initialisation:
+    bfloat16 may pick others, so only finiteness and shapes are compared."""
+    from test_deformable_detr import SMALL, images_and_mask
+
+    from detr_tutorial.models import build_deformable_detr
+    torch.manual_seed(0)
+    model = build_deformable_detr(**SMALL, with_box_refine=True, two_stage=True).eval().to(torch.bfloat16)
+    images, mask = images_and_mask()
+    with torch.no_grad():
+        out = model(images.bfloat16(), mask)
+    assert out["pred_boxes"].shape == (2, 10, 4) and torch.isfinite(out["pred_boxes"]).all()
+    assert torch.isfinite(out["pred_logits"]).all()
 
 
 def load_official_module():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import multi_scale_deformable_attention
+from ..ops import level_start_index, multi_scale_deformable_attention
 
 __all__ = ["MSDeformAttn", "initial_sampling_offsets"]
 
@@ -91,6 +91,8 @@ class MSDeformAttn(nn.Module):
         """
         n, lq, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
+        if not reference_points.is_floating_point():
+            raise TypeError(f"reference_points must be a floating-point tensor, got {reference_points.dtype}")
         if reference_points.dim() != 4 or reference_points.shape[:3] != (n, lq, lv):
             raise ValueError(f"reference_points must have shape (N, Lq, n_levels, 2 or 4) = "
                              f"({n}, {lq}, {lv}, ...), got {tuple(reference_points.shape)}")
@@ -121,27 +123,43 @@ class MSDeformAttn(nn.Module):
             input_flatten: ``(N, S, C)`` all levels flattened and concatenated.
             input_spatial_shapes: ``(L, 2)`` (H, W) per level, ``S = Σ H·W``.
             input_level_start_index: ``(L,)`` offset of each level in ``S``
-                (the official CUDA kernel's argument; checked, then recomputed by the core).
+                (the official CUDA kernel's argument; checked against
+                ``input_spatial_shapes``, then recomputed by the core).
             input_padding_mask: ``(N, S)`` True on padding; those values are zeroed.
 
         Returns:
             ``(N, Lq, C)``.
         """
+        for name, t in (("query", query), ("reference_points", reference_points),
+                        ("input_flatten", input_flatten), ("input_spatial_shapes", input_spatial_shapes),
+                        ("input_level_start_index", input_level_start_index)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if query.dim() != 3 or input_flatten.dim() != 3:
+            raise ValueError(f"query (N, Lq, C) and input_flatten (N, S, C) must be 3-d, got "
+                             f"{tuple(query.shape)} and {tuple(input_flatten.shape)}")
         n, s, c = input_flatten.shape
         if c != self.d_model or query.shape[-1] != self.d_model:
             raise ValueError(f"query and input_flatten must have {self.d_model} channels, got "
                              f"{query.shape[-1]} and {c}")
+        if query.shape[0] != n:
+            raise ValueError(f"query has batch {query.shape[0]} but input_flatten has {n}")
         if tuple(input_spatial_shapes.shape) != (self.n_levels, 2):
             raise ValueError(f"input_spatial_shapes must have shape ({self.n_levels}, 2), "
                              f"got {tuple(input_spatial_shapes.shape)}")
         if int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum()) != s:
             raise ValueError(f"input_spatial_shapes {input_spatial_shapes.tolist()} do not sum "
                              f"to the {s} positions of input_flatten")
-        if input_level_start_index.numel() != self.n_levels:
-            raise ValueError(f"input_level_start_index must have {self.n_levels} entries, "
-                             f"got {input_level_start_index.numel()}")
+        expected_start = level_start_index(input_spatial_shapes)
+        if input_level_start_index.tolist() != expected_start.tolist():
+            raise ValueError(f"input_level_start_index must be {expected_start.tolist()} for "
+                             f"input_spatial_shapes {input_spatial_shapes.tolist()}, "
+                             f"got {input_level_start_index.tolist()}")
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
+            if not isinstance(input_padding_mask, Tensor) or input_padding_mask.dtype != torch.bool:
+                raise TypeError("input_padding_mask must be a bool tensor (True on padding), got "
+                                f"{getattr(input_padding_mask, 'dtype', type(input_padding_mask).__name__)}")
             if tuple(input_padding_mask.shape) != (n, s):
                 raise ValueError(f"input_padding_mask must have shape {(n, s)}, "
                                  f"got {tuple(input_padding_mask.shape)}")

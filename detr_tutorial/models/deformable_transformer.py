@@ -290,7 +290,7 @@ class DeformableTransformer(nn.Module):
             top_coords = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference_points = top_coords.sigmoid()
             query_pos, tgt = torch.split(self.pos_trans_norm(self.pos_trans(
-                self.proposal_pos_embed(top_coords))), c, dim=2)
+                self.proposal_pos_embed(top_coords).to(memory.dtype))), c, dim=2)
         else:
             query_pos, tgt = torch.split(query_embed, c, dim=1)
             query_pos = query_pos[None].expand(b, -1, -1)  # (B, Q, d)
