@@ -187,6 +187,15 @@ def test_outputs_heads_and_initial_boxes():
         torch.testing.assert_close(boxes[..., 2:], torch.full_like(boxes[..., 2:], 0.5))
 
 
+def test_inverse_sigmoid_clamps_at_conditional_detrs_epsilon():
+    model = small().eval()
+    with torch.no_grad():
+        model.transformer.decoder.ref_point_head.layers[-1].bias.fill_(-30.0)  # references ~ 1e-13
+        boxes = model(torch.rand(1, 3, 32, 40))["pred_boxes"]
+    # with the box head at zero the centre is sigmoid(inverse_sigmoid(reference)); eps 1e-5 clamps it
+    torch.testing.assert_close(boxes[..., :2], torch.full_like(boxes[..., :2], 1e-5 / (1 + 1e-5)))
+
+
 def test_only_the_first_layer_adds_the_positional_query():
     model = small()
     layers = model.transformer.decoder.layers
