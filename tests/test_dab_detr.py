@@ -27,7 +27,8 @@ def load_official_dab():
     misc = official_source(DAB_REPO, "util/misc.py")
     inverse_sigmoid = re.search(r"def inverse_sigmoid\(.*?\n(?:    .*\n)+", misc).group(0)
     src = official_source(DAB_REPO, "models/DAB_DETR/transformer.py").replace(
-        "from util.misc import inverse_sigmoid", inverse_sigmoid).replace("from .attention import MultiheadAttention", "")
+        "from util.misc import inverse_sigmoid", inverse_sigmoid).replace(
+        "from .attention import MultiheadAttention", "")
     return official_module("official_dab_transformer", src, MultiheadAttention=attention.MultiheadAttention)
 
 

@@ -4,13 +4,14 @@ What changes from Conditional DETR (the decoder layer and its conditional
 cross-attention are Conditional DETR's)::
 
     refpoint_embed (Q, 4) = anchors (cx, cy, w, h) before the sigmoid; content queries start at zero
-    layer l: A = anchor of layer l (sigmoid), S = sine_embed_points(A)      (B, Q, 2d): y, x, w, h
-             positional query    p_q = ref_point_head(S)                  MLP(2d, d, d, 2), every layer
-             spatial query       (y, x half of S) * lambda_q, then
-             modulated by size   y part * h_ref / A.h,  x part * w_ref / A.w,  (w_ref, h_ref) = sigmoid(ref_anchor_head(output))
-             refined anchor      new = sigmoid(bbox_embed(output) + inverse_sigmoid(A))      all 4 coordinates
-             next anchor         A_{l+1} = new.detach()
-    box of layer l = sigmoid(bbox_embed(norm(h_l)) + inverse_sigmoid(R_l)), R_0 = A_0, R_l = new of layer l-1 (NOT detached)
+    layer l, anchor A (after the sigmoid), S = sine_embed_points(A)      (B, Q, 2d): y, x, w, h
+      positional query  p_q = ref_point_head(S)                          MLP(2d, d, d, 2), every layer
+      spatial query     (y, x half of S) * lambda_q, then its y part * h_ref / A.h and its x part
+                        * w_ref / A.w, (w_ref, h_ref) = sigmoid(ref_anchor_head(output))
+      refined anchor    new = sigmoid(bbox_embed(output) + inverse_sigmoid(A))   all 4 coordinates
+      next anchor       A_{l+1} = new.detach()
+    box of layer l = sigmoid(bbox_embed(norm(h_l)) + inverse_sigmoid(R_l)),
+                     R_0 = A_0, R_l = new of layer l-1 (NOT detached)
 
 So layer l's box loss reaches layer l-1's box prediction through R_l, while the
 next layer's queries see only the detached anchor. The encoder also differs:

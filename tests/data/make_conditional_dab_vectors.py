@@ -7,13 +7,13 @@ Usage (from the repository root)::
 Each repository is a clone (a work tree or a bare git directory) of Atten4Vis/ConditionalDETR
 or IDEA-Research/DAB-DETR; HEAD is exported to a temporary directory and imported there, in a
 child process per repository (both name their packages ``models`` and ``util``). The official
-code is run unchanged, on CPU; at import time ``is_main_process`` returns False (no ImageNet
-download), stubs stand in for ``timm`` (needed only by DAB-DETR's Swin backbone) and ``termcolor`` (its logger), and the old
-torch names their version checks ask for (``_LinearWithBias``, ``torch._overrides``) point to
-today's equivalents.
+code is run unchanged, on CPU. At import time ``is_main_process`` returns False (no ImageNet
+download), stubs stand in for ``timm`` (needed only by DAB-DETR's Swin backbone) and ``termcolor``
+(its logger), and the old torch names their version checks ask for (``_LinearWithBias``,
+``torch._overrides``) point to today's equivalents.
 
-Weights are not stored: ``fill_`` sets every state-dict entry from a seeded generator, in key
-order, so the tests rebuild the same weights in the library's models (whose keys are the
+Weights are not stored: ``fill_`` sets every state-dict entry from a seeded generator, in sorted
+key order, so the tests rebuild the same weights in the library's models (whose keys are the
 official ones). What is stored: the official commit, the inputs, and the official outputs of
 
 * ``sine_embed``: the reference-point sine embedding of 2-d points (Conditional DETR) and of
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,7 +100,7 @@ def model_outputs(out: dict) -> dict:
 
 
 def export(repo: str) -> Path:
-    """HEAD of ``repo`` in a fresh temporary directory; returns it and the commit."""
+    """HEAD of ``repo`` in a fresh temporary directory (returned)."""
     dest = Path(tempfile.mkdtemp(prefix="official_"))
     archive = subprocess.run(["git", "-C", repo, "archive", "HEAD"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
@@ -197,9 +198,13 @@ def r50_case(model: torch.nn.Module, args: argparse.Namespace) -> dict:
 
 
 def child(kind: str, repo: str, out: str) -> None:
+    repo = os.path.abspath(repo)
     root = export(repo)
     os.chdir(root)
-    result = (run_conditional if kind == "conditional" else run_dab)(root)
+    try:
+        result = (run_conditional if kind == "conditional" else run_dab)(root)
+    finally:
+        shutil.rmtree(root)
     result["commit"] = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
                                       capture_output=True, text=True).stdout.strip()
     result["torch"] = torch.__version__
@@ -223,7 +228,8 @@ def main() -> None:
             subprocess.run([sys.executable, os.path.abspath(__file__), args.conditional_repo, args.dab_repo,
                             part, "--child", kind], check=True)
             parts[kind] = torch.load(part, weights_only=False)
-    torch.save(parts, args.out)
+        torch.save(parts, os.path.join(tmp, "all.pt"))
+        shutil.move(os.path.join(tmp, "all.pt"), args.out)  # the old file stays until the new one is complete
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
 
 
