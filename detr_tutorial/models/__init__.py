@@ -8,3 +8,6 @@ from .detr import DETR, MLP, build_detr
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
+from .conditional_detr import ConditionalDETR, ConditionalTransformer, build_conditional_detr
+from .conditional_layers import ConditionalDecoderLayer, ProjectionFreeAttention, sine_embed_points
+from .dab_detr import DABDETR, DABTransformer, build_dab_detr

@@ -26,7 +26,7 @@ from .backbone import Joiner, build_backbone
 from .position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from .transformer import Transformer
 
-__all__ = ["MLP", "DETR", "build_detr"]
+__all__ = ["MLP", "DETR", "build_detr", "build_position_embedding"]
 
 
 class MLP(nn.Module):
@@ -95,16 +95,40 @@ class DETR(nn.Module):
             (B, Q, 4) normalised (cx, cy, w, h), and with ``aux_loss`` also
             ``aux_outputs``: a list of such dicts for decoder layers 0..L-2.
         """
-        features, pos = self.backbone(images, mask)
-        src, mask = features[-1]  # (B, C, h, w), (B, h, w)
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]  # (L, B, Q, d)
+        hs = self.transformer(*self._transformer_inputs(images, mask, self.query_embed.weight))[0]  # (L, B, Q, d)
         outputs_class = self.class_embed(hs)  # (L, B, Q, K + 1)
         outputs_coord = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        return self._outputs(outputs_class, outputs_coord)
+
+    def _transformer_inputs(self, images: Tensor, mask: Optional[Tensor],
+                            queries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The transformer's arguments: the last backbone level projected to (B, d, h, w), its
+        mask (B, h, w), ``queries`` and the level's positional encoding (B, d, h, w)."""
+        features, pos = self.backbone(images, mask)
+        src, mask = features[-1]  # (B, C, h, w), (B, h, w)
+        return self.input_proj(src), mask, queries, pos[-1]
+
+    def _outputs(self, outputs_class: Tensor, outputs_coord: Tensor) -> dict:
+        """Per-layer logits (L, B, Q, K') and boxes (L, B, Q, 4) -> the output dict: the last
+        layer, and the earlier ones as ``aux_outputs`` when ``aux_loss``."""
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
                                   for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
         return out
+
+
+def build_position_embedding(position_embedding: str, hidden_dim: int,
+                             temperature: float = 10000) -> nn.Module:
+    """The image features' positional encoding, ``hidden_dim // 2`` channels per axis:
+    "sine" (normalised, with ``temperature``) or "learned"."""
+    if hidden_dim % 2:
+        raise ValueError(f"hidden_dim must be even (half the channels encode y, half x), got {hidden_dim}")
+    if position_embedding == "sine":
+        return PositionEmbeddingSine(hidden_dim // 2, temperature=temperature, normalize=True)
+    if position_embedding == "learned":
+        return PositionEmbeddingLearned(hidden_dim // 2)
+    raise ValueError(f"position_embedding must be 'sine' or 'learned', got {position_embedding!r}")
 
 
 def build_detr(backbone: Union[str, nn.Module] = "resnet50", num_classes: int = 91, hidden_dim: int = 256,
@@ -133,14 +157,7 @@ def build_detr(backbone: Union[str, nn.Module] = "resnet50", num_classes: int = 
     """
     backbone = build_backbone(backbone, train_backbone=train_backbone, dilation=dilation, weights=backbone_weights,
                               small_widths=small_widths, small_strides=small_strides)
-    if hidden_dim % 2:
-        raise ValueError(f"hidden_dim must be even (half the channels encode y, half x), got {hidden_dim}")
-    if position_embedding == "sine":
-        pos = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
-    elif position_embedding == "learned":
-        pos = PositionEmbeddingLearned(hidden_dim // 2)
-    else:
-        raise ValueError(f"position_embedding must be 'sine' or 'learned', got {position_embedding!r}")
+    pos = build_position_embedding(position_embedding, hidden_dim)
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward,
                               dropout=dropout, normalize_before=pre_norm, return_intermediate_dec=True)

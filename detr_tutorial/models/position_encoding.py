@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned", "check_padding_mask"]
+__all__ = ["PositionEmbeddingSine", "PositionEmbeddingLearned", "check_padding_mask", "sine_encode"]
 
 
 def check_padding_mask(mask: Tensor, name: str = "mask") -> None:
@@ -34,6 +34,19 @@ def check_padding_mask(mask: Tensor, name: str = "mask") -> None:
         raise TypeError(f"{name} must be a bool tensor (True = padding), got dtype {mask.dtype}")
     if mask.dim() != 3:
         raise ValueError(f"{name} must have shape (B, H, W), got {tuple(mask.shape)}")
+
+
+def sine_encode(coord: Tensor, num_pos_feats: int, temperature: float) -> Tensor:
+    """Sinusoids of one coordinate: (...) -> (..., num_pos_feats).
+
+    Channel ``i`` has wavelength ``dim_t[i] = temperature ** (2 * (i // 2) / num_pos_feats)``;
+    even channels hold ``sin(coord / dim_t)``, odd ones ``cos`` of the same wavelength.
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coord.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)  # (F,)
+    pos = coord[..., None] / dim_t  # (..., F)
+    # interleave: channel 2j = sin, channel 2j+1 = cos (same wavelength)
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -89,14 +102,8 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)  # (F,)
-
-        pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
-        pos_y = y_embed[..., None] / dim_t
-        # interleave: channel 2j = sin, channel 2j+1 = cos (same wavelength)
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_encode(x_embed, self.num_pos_feats, self.temperature)  # (B, H, W, F)
+        pos_y = sine_encode(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
 
 

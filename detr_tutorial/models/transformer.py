@@ -29,7 +29,7 @@ from .attention import MultiheadAttention
 __all__ = ["Transformer", "TransformerEncoder", "TransformerDecoder",
            "TransformerEncoderLayer", "TransformerDecoderLayer"]
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # and "prelu": one learned slope per layer (nn.PReLU)
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -42,9 +42,9 @@ class _LayerBase(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
                  activation: str, normalize_before: bool) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        if activation not in (*_ACTIVATIONS, "prelu"):
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS) + ['prelu']}, got {activation!r}")
+        self.self_attn = self._make_self_attn(d_model, nhead, dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -52,8 +52,12 @@ class _LayerBase(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.activation = _ACTIVATIONS[activation]
+        self.activation = nn.PReLU() if activation == "prelu" else _ACTIVATIONS[activation]
         self.normalize_before = normalize_before
+
+    def _make_self_attn(self, d_model: int, nhead: int, dropout: float) -> nn.Module:
+        """The self-attention module (subclasses may swap in another kind)."""
+        return MultiheadAttention(d_model, nhead, dropout=dropout)
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -182,13 +186,23 @@ class Transformer(nn.Module):
         if num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be >= 1, got {num_decoder_layers}")
         args = (d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
-        self.encoder = TransformerEncoder(TransformerEncoderLayer(*args), num_encoder_layers,
-                                          nn.LayerNorm(d_model) if normalize_before else None)
-        self.decoder = TransformerDecoder(TransformerDecoderLayer(*args), num_decoder_layers,
-                                          nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec)
+        self.encoder = self._make_encoder(args, num_encoder_layers)
+        self.decoder = self._make_decoder(args, num_decoder_layers, return_intermediate_dec)
         self._reset_parameters()
         self.d_model = d_model
         self.nhead = nhead
+
+    @staticmethod
+    def _make_encoder(layer_args: tuple, num_layers: int) -> nn.Module:
+        """``layer_args`` = (d_model, nhead, dim_feedforward, dropout, activation, normalize_before)."""
+        d_model, normalize_before = layer_args[0], layer_args[-1]
+        return TransformerEncoder(TransformerEncoderLayer(*layer_args), num_layers,
+                                  nn.LayerNorm(d_model) if normalize_before else None)
+
+    @staticmethod
+    def _make_decoder(layer_args: tuple, num_layers: int, return_intermediate: bool) -> nn.Module:
+        return TransformerDecoder(TransformerDecoderLayer(*layer_args), num_layers, nn.LayerNorm(layer_args[0]),
+                                  return_intermediate=return_intermediate)
 
     def _reset_parameters(self) -> None:
         for p in self.parameters():
@@ -211,16 +225,23 @@ class Transformer(nn.Module):
         """
         self._check_inputs(src, mask, query_embed, pos_embed)
         b, c, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)  # (B, HW, d)
-        pos_embed = pos_embed.flatten(2).transpose(1, 2)  # (B, HW, d)
+        memory, mask, pos_embed = self._encode(src, mask, pos_embed)
         query_pos = query_embed[None].expand(b, -1, -1)  # (B, Q, d)
-        mask = mask.flatten(1)  # (B, HW)
         tgt = torch.zeros_like(query_pos)  # the decoder starts from nothing but the query positions
-        memory = self.encoder(src, src_key_padding_mask=mask, pos=pos_embed)
         hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_pos)
         return hs, memory.transpose(1, 2).reshape(b, c, h, w)
 
-    def _check_inputs(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor) -> None:
+    def _encode(self, src: Tensor, mask: Tensor, pos_embed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Flatten the maps to sequences and encode: src (B, d, H, W), mask (B, H, W), pos_embed
+        (B, d, H, W) -> memory (B, HW, d), mask (B, HW), pos (B, HW, d)."""
+        src = src.flatten(2).transpose(1, 2)  # (B, HW, d)
+        pos_embed = pos_embed.flatten(2).transpose(1, 2)  # (B, HW, d)
+        mask = mask.flatten(1)  # (B, HW)
+        return self.encoder(src, src_key_padding_mask=mask, pos=pos_embed), mask, pos_embed
+
+    def _check_inputs(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
+                      query_width: Optional[int] = None) -> None:
+        """Raise unless the shapes fit; ``query_embed`` must be (Q, query_width), default (Q, d_model)."""
         if src.dim() != 4 or src.shape[1] != self.d_model:
             raise ValueError(f"src must have shape (B, {self.d_model}, H, W), got {tuple(src.shape)}")
         if pos_embed.shape != src.shape:
@@ -230,5 +251,6 @@ class Transformer(nn.Module):
             raise TypeError(f"mask must be bool (True = padding), got {mask.dtype}")
         if mask.shape != (src.shape[0], *src.shape[2:]):
             raise ValueError(f"mask must have shape {(src.shape[0], *src.shape[2:])}, got {tuple(mask.shape)}")
-        if query_embed.dim() != 2 or query_embed.shape[1] != self.d_model:
-            raise ValueError(f"query_embed must have shape (Q, {self.d_model}), got {tuple(query_embed.shape)}")
+        query_width = self.d_model if query_width is None else query_width
+        if query_embed.dim() != 2 or query_embed.shape[1] != query_width:
+            raise ValueError(f"query_embed must have shape (Q, {query_width}), got {tuple(query_embed.shape)}")
