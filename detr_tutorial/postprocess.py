@@ -23,7 +23,8 @@ model of the other convention is an error: read by :class:`PostProcess`,
 sigmoid logits would lose their last real class as "no object"; read by
 :class:`PostProcessTopK`, softmax logits would return "no object" as a
 confident class. Non-finite logits or boxes are an error too (a NaN score
-would be ranked last by COCO evaluation instead of failing).
+would be ranked last by COCO evaluation instead of failing). Half-precision
+outputs are post-processed in float32, so scores and boxes are float32.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def _check_inputs(outputs: dict, target_sizes: Tensor, num_classes: int, focal: 
     if not isinstance(target_sizes, Tensor) or target_sizes.shape != (logits.shape[0], 2):
         shape = tuple(target_sizes.shape) if isinstance(target_sizes, Tensor) else type(target_sizes).__name__
         raise ValueError(f"target_sizes must be a ({logits.shape[0]}, 2) tensor of (H, W), got {shape}")
+    if logits.dtype in (torch.float16, torch.bfloat16):  # pixel boxes of large images need float32
+        logits, boxes = logits.float(), boxes.float()
     return logits, boxes
 
 

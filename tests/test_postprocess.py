@@ -95,3 +95,15 @@ def test_non_finite_outputs_are_rejected(key, value):
         out[key][1, 2, 0] = value
         with pytest.raises(ValueError, match=rf"outputs\['{key}'\] has NaN or inf entries \(first at index \(1, 2, 0"):
             post(out, sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_outputs_give_float32_detections(dtype):
+    sizes = torch.tensor([[1000, 1333], [800, 1066]])  # float16 spacing at 1333 px is 1 px; bfloat16's is 8
+    for post, c in ((PostProcess(num_classes=3), 4), (PostProcessTopK(num_classes=3, k=5), 3)):
+        half = {k: v.to(dtype) for k, v in _outputs(c=c).items()}
+        expected = post({k: v.float() for k, v in half.items()}, sizes)
+        for res, ref in zip(post(half, sizes), expected):
+            assert res["scores"].dtype == res["boxes"].dtype == torch.float32
+            for key in ("scores", "labels", "boxes"):
+                torch.testing.assert_close(res[key], ref[key], rtol=0, atol=0)
