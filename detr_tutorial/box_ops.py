@@ -11,6 +11,12 @@ Two formats appear throughout the book:
 The names follow the official DETR code (``util/box_ops.py``). Unlike the
 official code, invalid boxes raise a ``ValueError`` that names the offending
 rows instead of failing a bare ``assert`` (detr issue 509).
+
+Precision: :func:`box_area`, :func:`box_iou` and :func:`generalized_box_iou`
+compute in at least float32 and return float32 for float16/bfloat16 boxes
+(float64 stays float64). In float16 the area of a 300-pixel box (90,000)
+overflows the largest finite value (65,504) and the area of a 0.001-wide
+normalised box underflows to 0, so half-precision IoUs would be wrong.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ __all__ = [
     "box_iou",
     "generalized_box_iou",
     "check_boxes_xyxy",
+    "pairwise_iou_union",
+    "giou_from_iou_union",
 ]
 
 
@@ -66,41 +74,69 @@ def check_boxes_xyxy(boxes: Tensor, name: str = "boxes") -> None:
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """(N, 4) xyxy boxes -> (N,) areas."""
+    """(N, 4) xyxy boxes -> (N,) areas, float32 for half-precision boxes (see the module docstring)."""
     check_boxes_xyxy(boxes)
-    return tv_ops.box_area(boxes)
+    return tv_ops.box_area(_upcast(boxes))
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
     """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes.
 
     Returns ``(iou, union)``, both (N, M), as the official code does (the union
-    is reused by :func:`generalized_box_iou`). ``iou`` equals
-    ``torchvision.ops.box_iou(boxes1, boxes2)``.
+    is reused by :func:`generalized_box_iou`); float32 for half-precision boxes.
     """
     check_boxes_xyxy(boxes1, "boxes1")
     check_boxes_xyxy(boxes2, "boxes2")
-    area1, area2 = tv_ops.box_area(boxes1), tv_ops.box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])  # (N, M, 2)
-    wh = (rb - lt).clamp(min=0)  # (N, M, 2)
-    inter = wh[..., 0] * wh[..., 1]  # (N, M)
-    union = area1[:, None] + area2[None, :] - inter
+    iou, union = pairwise_iou_union(_upcast(boxes1), _upcast(boxes2))
     _check_union(union)
-    return inter / union, union
+    return iou, union
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise Generalized IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M) in [-1, 1].
 
     GIoU = IoU - |C minus (A union B)| / |C|, with C the smallest box enclosing
-    both (Rezatofighi et al., 2019). Equals ``torchvision.ops.generalized_box_iou``.
+    both (Rezatofighi et al., 2019); float32 for half-precision boxes.
     """
     check_boxes_xyxy(boxes1, "boxes1")
     check_boxes_xyxy(boxes2, "boxes2")
-    area1, area2 = tv_ops.box_area(boxes1), tv_ops.box_area(boxes2)
-    _check_union(area1[:, None] + area2[None, :])
-    return tv_ops.generalized_box_iou(boxes1, boxes2)
+    boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
+    iou, union = pairwise_iou_union(boxes1, boxes2)
+    _check_union(union)
+    return giou_from_iou_union(boxes1, boxes2, iou, union)
+
+
+def pairwise_iou_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and union of (..., N, 4) and (..., M, 4) xyxy boxes -> two (..., N, M) tensors.
+
+    No checks and no upcasting: the caller guarantees valid boxes (as
+    :func:`box_iou` does). Leading dimensions are batch dimensions, so a
+    (B, Q, 4) and a (B, n, 4) tensor give B separate (Q, n) blocks.
+    The operations are those of the official ``util/box_ops.box_iou``.
+    """
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # (..., N)
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # (..., M)
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., N, M, 2)
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # (..., N, M, 2)
+    wh = (rb - lt).clamp(min=0)  # (..., N, M, 2)
+    inter = wh[..., 0] * wh[..., 1]  # (..., N, M)
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    return inter / union, union
+
+
+def giou_from_iou_union(boxes1: Tensor, boxes2: Tensor, iou: Tensor, union: Tensor) -> Tensor:
+    """GIoU (..., N, M) from :func:`pairwise_iou_union`'s results: IoU minus the share of
+    the enclosing box that the union leaves empty. No checks, no upcasting."""
+    lt = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)  # (..., N, M, 2)
+    hull = wh[..., 0] * wh[..., 1]
+    return iou - (hull - union) / hull
+
+
+def _upcast(boxes: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 unchanged."""
+    return boxes.float() if boxes.dtype in (torch.float16, torch.bfloat16) else boxes
 
 
 def _check_union(union: Tensor) -> None:

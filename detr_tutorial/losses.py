@@ -26,10 +26,18 @@ term except the logged ``class_error`` is repeated per layer with its own
 matching, suffixed ``_0``, ``_1``, ...; with ``outputs["enc_outputs"]``
 (two-stage Deformable DETR) once more against class-agnostic targets (all
 labels 0), suffixed ``_enc``.
+
+The criterion and its matcher must agree on ``num_classes`` and on the logits
+convention (softmax with "no object", or sigmoid/focal); ``weight_dict`` may
+only name trained terms (``loss_ce``, ``loss_bbox``, ``loss_giou`` of the
+requested ``losses``, bare or suffixed), so a misspelt key is an error instead
+of a term that is computed, logged and never trained. Matching and losses are
+computed in float32 whatever the model's dtype (float64 stays float64).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import re
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +45,15 @@ import torchvision.ops
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from .matcher import check_outputs, check_targets
+from .matcher import HungarianMatcher, check_outputs, check_targets
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss", "accuracy"]
 
 Indices = list[tuple[Tensor, Tensor]]
 _LOSSES = ("labels", "boxes", "cardinality")
+#: the trained (weightable) terms of each loss; class_error and cardinality_error are only logged
+_TRAINED = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou"), "cardinality": ()}
+_SUFFIX = re.compile(r"^(?P<base>.+?)(?P<suffix>_\d+|_enc)?$")
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float,
@@ -72,10 +83,15 @@ class SetCriterion(nn.Module):
 
     Args:
         num_classes: number of object classes K, without "no object".
-        matcher: callable ``matcher(outputs, targets) -> [(pred_idx, target_idx)] * B``,
-            usually a :class:`~detr_tutorial.matcher.HungarianMatcher`.
+        matcher: a :class:`~detr_tutorial.matcher.HungarianMatcher` with the same
+            ``num_classes`` and the same convention (its ``focal_alpha`` is None
+            exactly when this criterion's is).
         weight_dict: loss name -> weight. Kept for the training loop, which sums
             ``weight_dict[k] * losses[k]``; the criterion itself returns unweighted terms.
+            Keys are trained terms of ``losses`` (``loss_ce``, ``loss_bbox``, ``loss_giou``),
+            optionally suffixed ``_0``, ``_1``, ... (auxiliary decoder layers) or ``_enc``;
+            anything else raises ``ValueError``, and so does, in :meth:`forward`, a key
+            whose term the outputs do not produce.
         eos_coef: weight of the "no object" class in the cross-entropy (0.1);
             stored in the ``empty_weight`` buffer (K+1,). Unused by the focal loss.
         losses: which terms to compute, from ``"labels"``, ``"boxes"``, ``"cardinality"``.
@@ -83,16 +99,12 @@ class SetCriterion(nn.Module):
             a number (0.25) for the sigmoid focal loss over (B, Q, K) logits.
     """
 
-    def __init__(self, num_classes: int, matcher: Callable[..., Indices], weight_dict: dict[str, float],
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float, losses: Sequence[str], focal_alpha: float | None = None):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int (object classes, without 'no object'), "
                              f"got {num_classes!r}")
-        if not callable(matcher):
-            raise TypeError(f"matcher must be callable as matcher(outputs, targets), got {type(matcher).__name__}")
-        if not isinstance(weight_dict, dict):
-            raise TypeError(f"weight_dict must be a dict of loss name -> weight, got {type(weight_dict).__name__}")
         if isinstance(eos_coef, bool) or not isinstance(eos_coef, (int, float)) or not 0 <= eos_coef <= 1:
             raise ValueError(f"eos_coef must be a number in [0, 1], got {eos_coef!r}")
         unknown = [loss for loss in losses if loss not in _LOSSES]
@@ -100,6 +112,8 @@ class SetCriterion(nn.Module):
             raise ValueError(f"losses must be a list drawn from {list(_LOSSES)}, got {losses!r}")
         if focal_alpha is not None and (isinstance(focal_alpha, bool) or not isinstance(focal_alpha, (int, float))):
             raise ValueError(f"focal_alpha must be None or a number (0.25 in Deformable DETR), got {focal_alpha!r}")
+        _check_matcher(matcher, num_classes, focal_alpha is not None)
+        _check_weight_dict(weight_dict, losses)
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -173,9 +187,20 @@ class SetCriterion(nn.Module):
         Returns:
             dict of scalar tensors, keys as listed in the module docstring.
         """
-        main = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
-        self._check(main, targets, "outputs")
-        indices = self.matcher(main, targets)
+        main = _float32({k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}, "outputs")
+        aux_outputs = [_float32(aux, f"outputs['aux_outputs'][{i}]")
+                       for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        enc = _float32(outputs["enc_outputs"], "outputs['enc_outputs']") if "enc_outputs" in outputs else None
+        self._check_outputs(main, None, "outputs")
+        for i, aux in enumerate(aux_outputs):
+            self._check_outputs(aux, len(main["pred_logits"]), f"outputs['aux_outputs'][{i}]")
+        if enc is not None:
+            self._check_outputs(enc, len(main["pred_logits"]), "outputs['enc_outputs']")
+        # The targets are validated once per batch (not once per decoder layer); the matcher then skips it.
+        layers = [main, *aux_outputs] + ([enc] if enc is not None else [])
+        num_queries = min(out["pred_logits"].shape[1] for out in layers)
+        check_targets(targets, len(main["pred_logits"]), self.num_classes, num_queries)
+        indices = self.matcher.match(main, targets)
 
         # Normalise box losses by the number of target boxes in the batch (at least 1).
         num_boxes = sum(len(t["labels"]) for t in targets)
@@ -187,37 +212,67 @@ class SetCriterion(nn.Module):
             losses.update(self.get_loss(loss, main, targets, indices, num_boxes))
 
         # Intermediate decoder layers: same terms, their own matching, no class_error.
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            self._check(aux, targets, f"outputs['aux_outputs'][{i}]")
+        for i, aux in enumerate(aux_outputs):
             losses.update(self._suffixed(aux, targets, num_boxes, f"_{i}"))
 
         # Two-stage encoder proposals: class-agnostic, every object is class 0.
-        if "enc_outputs" in outputs:
+        if enc is not None:
             bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            self._check(outputs["enc_outputs"], bin_targets, "outputs['enc_outputs']")
-            losses.update(self._suffixed(outputs["enc_outputs"], bin_targets, num_boxes, "_enc"))
+            losses.update(self._suffixed(enc, bin_targets, num_boxes, "_enc"))
+
+        missing = sorted(set(self.weight_dict) - set(losses))
+        if missing:
+            raise ValueError(f"weight_dict names {missing}, which these outputs do not produce (computed: "
+                             f"{sorted(losses)}); check the number of decoder layers and two-stage settings")
         return losses
 
     def _suffixed(self, outputs: dict, targets: Sequence[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
-        indices = self.matcher(outputs, targets)
+        indices = self.matcher.match(outputs, targets)
         losses = {}
         for loss in self.losses:
             kwargs = {"log": False} if loss == "labels" else {}
             losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes, **kwargs))
         return {k + suffix: v for k, v in losses.items()}
 
-    def _check(self, outputs: dict, targets: Sequence[dict], name: str) -> None:
+    def _check_outputs(self, outputs: dict, batch_size: int | None, name: str) -> None:
         try:
-            num_classes = check_outputs(outputs, focal=self.focal_alpha is not None)
+            check_outputs(outputs, self.num_classes, focal=self.focal_alpha is not None)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{name}: {exc}") from None
-        if num_classes != self.num_classes:
-            expected = self.num_classes if self.focal_alpha is not None else self.num_classes + 1
-            raise ValueError(f"{name}['pred_logits'] has {outputs['pred_logits'].shape[-1]} logits per query, "
-                             f"expected {expected} for num_classes={self.num_classes}"
-                             + ("" if self.focal_alpha is not None else " plus 'no object'"))
-        batch_size, num_queries = outputs["pred_logits"].shape[:2]
-        check_targets(targets, batch_size, self.num_classes, num_queries)
+        if batch_size is not None and outputs["pred_logits"].shape[0] != batch_size:
+            raise ValueError(f"{name} holds {outputs['pred_logits'].shape[0]} images, the main outputs {batch_size}")
+
+
+def _float32(outputs: dict, name: str) -> dict:
+    """``outputs`` with half-precision ``pred_logits`` / ``pred_boxes`` cast to float32 (differentiably):
+    cdist has no float16 kernel on CPU and float16 box areas overflow above 65,504."""
+    if not isinstance(outputs, dict):
+        raise TypeError(f"{name} must be a dict with 'pred_logits' and 'pred_boxes', got {type(outputs).__name__}")
+    return {k: v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
+            for k, v in outputs.items()}
+
+
+def _check_matcher(matcher: HungarianMatcher, num_classes: int, focal: bool) -> None:
+    if not isinstance(matcher, HungarianMatcher):
+        raise TypeError(f"matcher must be a detr_tutorial.matcher.HungarianMatcher, got {type(matcher).__name__}")
+    if matcher.focal != focal:
+        mine, theirs = ("sigmoid/focal", "softmax") if focal else ("softmax", "sigmoid/focal")
+        raise ValueError(f"the criterion uses the {mine} convention (focal_alpha={'set' if focal else 'None'}) but "
+                         f"the matcher the {theirs} one (focal_alpha={matcher.focal_alpha}); build both with the "
+                         "same focal_alpha setting")
+    if matcher.num_classes != num_classes:
+        raise ValueError(f"the criterion has num_classes={num_classes} but the matcher "
+                         f"num_classes={matcher.num_classes}")
+
+
+def _check_weight_dict(weight_dict: dict, losses: Sequence[str]) -> None:
+    if not isinstance(weight_dict, dict):
+        raise TypeError(f"weight_dict must be a dict of loss name -> weight, got {type(weight_dict).__name__}")
+    trained = [term for loss in losses for term in _TRAINED[loss]]
+    unknown = [k for k in weight_dict if not isinstance(k, str) or _SUFFIX.match(k)["base"] not in trained]
+    if unknown:
+        raise ValueError(f"weight_dict has unknown keys {unknown}: with losses={list(losses)} a key must be one of "
+                         f"{trained}, optionally suffixed _0, _1, ... (auxiliary layers) or _enc (two-stage)")
 
 
 def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:

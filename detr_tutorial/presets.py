@@ -66,16 +66,18 @@ def build_detr_training(num_classes: int, cost_class: float = 1, cost_bbox: floa
                         eos_coef: float = 0.1, **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
     """DETR, its criterion (official weights, auxiliary losses for every decoder layer) and ``PostProcess``.
 
-    ``model_kwargs`` go to :func:`detr_tutorial.models.build_detr`.
+    All use the softmax convention (``num_classes + 1`` logits, the last "no object")
+    and the same ``num_classes``. ``model_kwargs`` go to :func:`detr_tutorial.models.build_detr`.
     """
     model = build_detr(num_classes=num_classes, **model_kwargs)
     weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
     weight_dict = dict(weights)
     for i in range(model.transformer.decoder.num_layers - 1 if model.aux_loss else 0):
         weight_dict.update({f"{k}_{i}": v for k, v in weights.items()})
-    matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
+    matcher = HungarianMatcher(num_classes=num_classes, cost_class=cost_class, cost_bbox=cost_bbox,
+                               cost_giou=cost_giou)
     criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef, ["labels", "boxes", "cardinality"])
-    return model, criterion, PostProcess()
+    return model, criterion, PostProcess(num_classes)
 
 
 def build_deformable_detr_training(num_classes: int, cost_class: float = 2, cost_bbox: float = 5,
@@ -84,7 +86,8 @@ def build_deformable_detr_training(num_classes: int, cost_class: float = 2, cost
     """Deformable DETR, its sigmoid-focal criterion (official coefficients 2 / 5 / 2, auxiliary and,
     with two-stage, encoder losses) and ``PostProcessTopK``.
 
-    ``model_kwargs`` go to :func:`detr_tutorial.models.build_deformable_detr`.
+    All use the sigmoid/focal convention (``num_classes`` logits, no "no object")
+    and the same ``num_classes``. ``model_kwargs`` go to :func:`detr_tutorial.models.build_deformable_detr`.
     """
     model = build_deformable_detr(num_classes=num_classes, **model_kwargs)
     weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
@@ -92,11 +95,11 @@ def build_deformable_detr_training(num_classes: int, cost_class: float = 2, cost
     suffixes = [f"_{i}" for i in range(model.transformer.decoder.num_layers - 1 if model.aux_loss else 0)]
     for suffix in suffixes + (["_enc"] if model.two_stage else []):
         weight_dict.update({k + suffix: v for k, v in weights.items()})
-    matcher = HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
-                               focal_alpha=focal_alpha)
+    matcher = HungarianMatcher(num_classes=num_classes, cost_class=cost_class, cost_bbox=cost_bbox,
+                               cost_giou=cost_giou, focal_alpha=focal_alpha)
     criterion = SetCriterion(num_classes, matcher, weight_dict, 0.1, ["labels", "boxes", "cardinality"],
                              focal_alpha=focal_alpha)
-    return model, criterion, PostProcessTopK()
+    return model, criterion, PostProcessTopK(num_classes)
 
 
 #: model name -> ``build(num_classes, **kwargs) -> (model, criterion, postprocess)``.

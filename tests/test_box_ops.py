@@ -1,13 +1,16 @@
-"""box_ops: conversions, IoU, GIoU -- properties, agreement with torchvision, clear errors."""
+"""box_ops: conversions, IoU, GIoU -- properties, official and hand-computed values, clear errors."""
 import math
+
+from pathlib import Path
 
 import pytest
 import torch
-import torchvision.ops as tv_ops
 from hypothesis import given
 from hypothesis import strategies as st
 
 from detr_tutorial import box_ops
+
+REFERENCE = Path(__file__).parent / "data" / "detr_reference.pt"
 
 
 @st.composite
@@ -56,15 +59,69 @@ def test_conversion_known_values():
     torch.testing.assert_close(box_ops.box_cxcywh_to_xyxy(cxcywh), torch.tensor([[0.4, 0.3, 0.6, 0.7]]))
 
 
-def test_agrees_with_torchvision():
+def test_matches_official_detr_values():
+    """Official ``util/box_ops`` results stored by tests/data/make_detr_reference.py (float64,
+    hand-picked and random pairs, one zero-area box)."""
+    ref = torch.load(REFERENCE, weights_only=False)["generalized_box_iou"]
+    torch.testing.assert_close(box_ops.generalized_box_iou(ref["boxes1"], ref["boxes2"]), ref["giou"],
+                               rtol=1e-12, atol=1e-12)
+    iou, union = box_ops.box_iou(ref["boxes1"], ref["boxes2"])
+    torch.testing.assert_close(iou, ref["iou"], rtol=1e-12, atol=1e-12)
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    torch.testing.assert_close(union, area(ref["boxes1"])[:, None] + area(ref["boxes2"])[None] - iou * union)
+
+
+# (box a, box b, IoU, GIoU) worked out by hand: intersection I, union U, enclosing box area E,
+# IoU = I / U, GIoU = IoU - (E - U) / E.
+HAND_CASES = [
+    ([0, 0, 1, 1], [0, 0, 1, 1], 1.0, 1.0),  # identical
+    ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16, 4 / 16),  # nested: E = U = 16
+    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7, 1 / 7 - 2 / 9),  # I 1, U 7, E 9
+    ([0, 0, 1, 1], [1, 0, 2, 1], 0.0, 0.0),  # touching: I 0, U = E = 2
+    ([0, 0, 1, 1], [2, 2, 3, 3], 0.0, -7 / 9),  # diagonal: U 2, E 9
+    ([0, 0, 2, 1], [1, 0, 3, 1], 1 / 3, 1 / 3),  # side by side: I 1, U 3 = E
+    ([0.5, 0.5, 0.5, 0.5], [0, 0, 1, 1], 0.0, 0.0),  # zero-area box inside: U = E = 1
+]
+
+
+@pytest.mark.parametrize("a, b, iou, giou", HAND_CASES)
+def test_hand_computed_iou_and_giou(a, b, iou, giou):
+    a, b = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
+    assert box_ops.box_iou(a, b)[0].item() == pytest.approx(iou, abs=1e-12)
+    assert box_ops.generalized_box_iou(a, b).item() == pytest.approx(giou, abs=1e-12)
+    assert box_ops.generalized_box_iou(b, a).item() == pytest.approx(giou, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_are_computed_in_float32(dtype):
+    # 300-pixel boxes: the area 90,000 overflows float16 (max 65,504).
+    big = torch.tensor([[10.0, 20.0, 310.0, 320.0]], dtype=dtype)
+    assert box_ops.box_area(big).dtype == torch.float32 and box_ops.box_area(big).item() == 90_000
+    iou, union = box_ops.box_iou(big, big)
+    assert iou.dtype == union.dtype == torch.float32
+    assert iou.item() == 1.0 and union.item() == 90_000
+    assert box_ops.generalized_box_iou(big, big).item() == 1.0
+    # Tiny normalised boxes: areas of 1e-8 and 9e-8 underflow float16 (computed there, the IoU of
+    # these boxes with themselves came out as 0.0 and 0.51).
+    tiny = torch.tensor([[0.0, 0.0, 1e-4, 1e-4], [0.01, 0.01, 0.0103, 0.0103]], dtype=dtype)
+    torch.testing.assert_close(box_ops.box_iou(tiny, tiny)[0].diagonal(), torch.ones(2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(box_ops.generalized_box_iou(tiny, tiny).diagonal(), torch.ones(2), rtol=0, atol=1e-6)
+    # float32 and float64 keep their dtype
+    assert box_ops.generalized_box_iou(big.double(), big.double()).dtype == torch.float64
+
+
+def test_batched_helpers_equal_per_image_calls():
+    """``pairwise_iou_union`` / ``giou_from_iou_union`` with a leading batch dimension give the
+    blocks that separate (N, 4) x (M, 4) calls give."""
     g = torch.Generator().manual_seed(0)
-    a = box_ops.box_cxcywh_to_xyxy(torch.rand(20, 4, generator=g) * 0.5 + 0.1)
-    b = box_ops.box_cxcywh_to_xyxy(torch.rand(30, 4, generator=g) * 0.5 + 0.1)
-    iou, union = box_ops.box_iou(a, b)
-    torch.testing.assert_close(iou, tv_ops.box_iou(a, b))
-    inter = iou * union
-    torch.testing.assert_close(union, tv_ops.box_area(a)[:, None] + tv_ops.box_area(b)[None] - inter)
-    torch.testing.assert_close(box_ops.generalized_box_iou(a, b), tv_ops.generalized_box_iou(a, b))
+    a = box_ops.box_cxcywh_to_xyxy(torch.rand(3, 5, 4, generator=g) * 0.5 + 0.1)
+    b = box_ops.box_cxcywh_to_xyxy(torch.rand(3, 2, 4, generator=g) * 0.5 + 0.1)
+    iou, union = box_ops.pairwise_iou_union(a, b)
+    giou = box_ops.giou_from_iou_union(a, b, iou, union)
+    assert giou.shape == (3, 5, 2)
+    for i in range(3):
+        torch.testing.assert_close(iou[i], box_ops.box_iou(a[i], b[i])[0], rtol=0, atol=0)
+        torch.testing.assert_close(giou[i], box_ops.generalized_box_iou(a[i], b[i]), rtol=0, atol=0)
 
 
 def test_giou_known_value_for_disjoint_boxes():

@@ -161,3 +161,35 @@ def test_bad_arguments(kwargs, message):
 def test_index_out_of_range():
     with pytest.raises(IndexError, match="out of range"):
         ShapesDataset(5)[5]
+
+
+def test_pad_images_rejects_mixed_dtypes_and_devices():
+    """A uint8 first image used to turn the float images into uint8 zeros."""
+    with pytest.raises(ValueError, match=r"same dtype, got \['torch.float32', 'torch.uint8'\].*ToDtype"):
+        pad_images([torch.zeros(3, 4, 4, dtype=torch.uint8), torch.full((3, 5, 5), 0.5)])
+    batch, _ = pad_images([torch.full((3, 4, 4), 0.5, dtype=torch.float64), torch.ones(3, 2, 2, dtype=torch.float64)])
+    assert batch.dtype == torch.float64 and batch[0].min() == 0.5
+
+
+class _Unserialisable:
+    """Shapes whose class names end with an object json cannot write: json.dump fails at the
+    categories, after the images and annotations are written."""
+
+    def __init__(self, n):
+        self.data, self.classes = ShapesDataset(n, seed=0), ("rectangle", "ellipse", object())
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def test_save_coco_json_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "gt.json"
+    save_coco_json(ShapesDataset(3, seed=0), path)
+    before = path.read_text()
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_coco_json(_Unserialisable(40), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["gt.json"]  # no temporary file left behind

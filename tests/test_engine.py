@@ -131,7 +131,7 @@ def test_evaluation_every_epoch():
     val = DataLoader([ds[i] for i in range(4)], batch_size=4, collate_fn=collate_fn)
     torch.manual_seed(0)
     trainer = Trainer(TinyDetector(), TinyCriterion(), _loader(), TrainConfig(epochs=2, eval_every=1),
-                      val_loader=val, postprocess=PostProcess(), classes=ds.classes, progress=False)
+                      val_loader=val, postprocess=PostProcess(num_classes=3), classes=ds.classes, progress=False)
     log = trainer.fit()
     assert all(0.0 <= r["AP50"] <= 1.0 and "AP" in r for r in log)
 

@@ -143,8 +143,68 @@ def test_evaluate_model_with_an_oracle():
     ds = ShapesDataset(4, seed=5)
     images, mask, targets = collate_fn([ds[i] for i in range(4)])
     loader = [(images, mask, targets)]
-    metrics = evaluate_model(_Oracle(targets), loader, PostProcess(), classes=ds.classes)
+    metrics = evaluate_model(_Oracle(targets), loader, PostProcess(num_classes=3), classes=ds.classes)
     assert metrics["AP"] == pytest.approx(1.0)
     assert evaluate_detections(targets_to_coco(targets, ds.classes), [])["AP"] == 0.0
     with pytest.raises(ValueError, match="classes"):
-        evaluate_model(_Oracle(targets), loader, PostProcess())
+        evaluate_model(_Oracle(targets), loader, PostProcess(num_classes=3))
+
+
+def test_duplicate_image_ids_are_rejected():
+    """Two shapes splits both number their images from 0; pycocotools would merge the images and
+    score each split's detections against the other's objects."""
+    a, b = ShapesDataset(3, seed=0), ShapesDataset(3, seed=1)
+    targets = [a[i][1] for i in range(3)] + [b[i][1] for i in range(3)]
+    with pytest.raises(ValueError, match="the targets' image_id has the id 0 twice"):
+        targets_to_coco(targets, a.classes)
+    gt = _gt()
+    gt["images"].append(dict(gt["images"][2]))
+    with pytest.raises(ValueError, match=r"gt\['images'\] has the id 2 twice"):
+        evaluate_detections(gt, _perfect(_gt()))
+    gt = _gt()
+    gt["annotations"][1]["id"] = gt["annotations"][0]["id"]
+    with pytest.raises(ValueError, match=r"gt\['annotations'\] has the id 1 twice"):
+        evaluate_detections(gt, [])
+    res = {"scores": torch.tensor([0.5]), "labels": torch.tensor([0]), "boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]])}
+    with pytest.raises(ValueError, match="image_ids has the id 4 twice"):
+        detections_to_coco([res, res], [4, 4])
+
+
+def test_duplicate_image_ids_across_batches_are_rejected_by_evaluate_model():
+    a, b = ShapesDataset(2, seed=0), ShapesDataset(2, seed=1)
+    batches = [collate_fn([ds[i] for i in range(2)]) for ds in (a, b)]
+    loader = [(images, mask, targets) for images, mask, targets in batches]
+    model = _Oracle([t for _, _, ts in batches for t in ts][:2])
+    with pytest.raises(ValueError, match="id 0 twice"):
+        evaluate_model(model, loader, PostProcess(num_classes=3), classes=a.classes)
+
+
+@pytest.mark.parametrize("field, value", [("score", float("nan")), ("score", float("inf")),
+                                          ("bbox", [0.0, float("nan"), 2.0, 2.0]), ("bbox", [0.0, 0.0, -1.0, 2.0]),
+                                          ("bbox", [0.0, 0.0, 2.0])])
+def test_non_finite_or_malformed_detections_are_rejected(field, value):
+    """A NaN score is ranked last by pycocotools: re-scoring false positives as NaN raised AP."""
+    gt = _gt()
+    dets = _perfect(gt)
+    dets[3][field] = value
+    with pytest.raises(ValueError, match=r"detections\[3\]"):
+        evaluate_detections(gt, dets)
+
+
+def test_detections_to_coco_rejects_mismatched_lengths_and_non_finite_values():
+    res = {"scores": torch.tensor([0.5, 0.4]), "labels": torch.tensor([0, 1]),
+           "boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]])}
+    with pytest.raises(ValueError, match=r"different lengths \{'scores': 2, 'labels': 2, 'boxes': 1\}"):
+        detections_to_coco([res], [0])
+    for key in ("scores", "boxes"):
+        bad = {"scores": torch.tensor([0.5]), "labels": torch.tensor([0]), "boxes": torch.tensor([[0.0, 0, 2, 2]])}
+        bad[key] = bad[key] * float("nan")
+        with pytest.raises(ValueError, match="non-finite scores or boxes"):
+            detections_to_coco([bad], [0])
+
+
+def test_postprocess_must_have_as_many_classes_as_the_dataset():
+    ds = ShapesDataset(2, seed=5)
+    images, mask, targets = collate_fn([ds[i] for i in range(2)])
+    with pytest.raises(ValueError, match="num_classes=4 but there are 3 classes"):
+        evaluate_model(_Oracle(targets), [(images, mask, targets)], PostProcess(num_classes=4), classes=ds.classes)

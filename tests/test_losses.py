@@ -19,9 +19,9 @@ K = 3  # object classes in the hand-made cases
 
 def criterion(focal=False, eos_coef=0.1, losses=LOSSES):
     if focal:
-        return SetCriterion(K, HungarianMatcher(2, 5, 2, focal_alpha=0.25), {"loss_ce": 2}, eos_coef, losses,
-                            focal_alpha=0.25)
-    return SetCriterion(K, HungarianMatcher(1, 5, 2), {"loss_ce": 1}, eos_coef, losses)
+        return SetCriterion(K, HungarianMatcher(num_classes=K, cost_class=2, focal_alpha=0.25), {"loss_ce": 2},
+                            eos_coef, losses, focal_alpha=0.25)
+    return SetCriterion(K, HungarianMatcher(num_classes=K), {"loss_ce": 1}, eos_coef, losses)
 
 
 def random_case(seed, batch=2, queries=6, sizes=(2, 3), focal=False):
@@ -42,8 +42,8 @@ def one_object_case(pred_box, logit_of_class, label=1):
 def test_official_cases(case):
     ref = VECTORS["set_criterion"]
     data = ref["cases"][case]
-    crit = SetCriterion(ref["num_classes"], HungarianMatcher(1, 5, 2), ref["weight_dict"], ref["eos_coef"],
-                        ref["losses"])
+    crit = SetCriterion(ref["num_classes"], HungarianMatcher(num_classes=ref["num_classes"]), ref["weight_dict"],
+                        ref["eos_coef"], ref["losses"])
     losses = crit(data["outputs"], data["targets"])
     assert losses.keys() == data["losses"].keys()
     for key, expected in data["losses"].items():
@@ -215,14 +215,14 @@ def test_gradients_reach_logits_and_boxes():
 
 def test_errors():
     outputs, targets = random_case(11)
-    with pytest.raises(ValueError, match=r"has 4 logits per query, expected 5"):
-        SetCriterion(4, HungarianMatcher(), {}, 0.1, LOSSES)(outputs, targets)
+    with pytest.raises(ValueError, match=r"has 4 logits per query.*expects 5 for num_classes=4"):
+        SetCriterion(4, HungarianMatcher(num_classes=4), {}, 0.1, LOSSES)(outputs, targets)
     with pytest.raises(ValueError, match="losses must be a list"):
-        SetCriterion(K, HungarianMatcher(), {}, 0.1, ["labels", "masks"])
+        SetCriterion(K, HungarianMatcher(num_classes=K), {}, 0.1, ["labels", "masks"])
     with pytest.raises(ValueError, match="eos_coef"):
-        SetCriterion(K, HungarianMatcher(), {}, 1.5, LOSSES)
+        SetCriterion(K, HungarianMatcher(num_classes=K), {}, 1.5, LOSSES)
     with pytest.raises(ValueError, match="num_classes"):
-        SetCriterion(0, HungarianMatcher(), {}, 0.1, LOSSES)
+        SetCriterion(0, HungarianMatcher(num_classes=K), {}, 0.1, LOSSES)
     with pytest.raises(ValueError, match="targets has 1 entries"):
         criterion()(outputs, targets[:1])
     small = {k: v[:, :2] for k, v in outputs.items()}
@@ -241,3 +241,103 @@ def test_accuracy_matches_torch_topk_definition():
     labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
     correct = (F.softmax(logits, -1).topk(1, -1).indices[:, 0] == labels).float().mean()
     assert crit(outputs, targets)["class_error"].item() == pytest.approx(100 * (1 - correct.item()), abs=1e-4)
+
+
+@pytest.mark.parametrize("criterion_focal", [False, True])
+def test_matcher_of_the_other_convention_is_rejected(criterion_focal):
+    matcher = HungarianMatcher(num_classes=K, focal_alpha=None if criterion_focal else 0.25)
+    with pytest.raises(ValueError, match="convention.*same focal_alpha"):
+        SetCriterion(K, matcher, {}, 0.1, LOSSES, focal_alpha=0.25 if criterion_focal else None)
+
+
+def test_matcher_must_agree_on_num_classes_and_be_a_hungarian_matcher():
+    with pytest.raises(ValueError, match="num_classes=3 but the matcher num_classes=4"):
+        SetCriterion(K, HungarianMatcher(num_classes=4), {}, 0.1, LOSSES)
+    with pytest.raises(TypeError, match="HungarianMatcher"):
+        SetCriterion(K, lambda outputs, targets: [], {}, 0.1, LOSSES)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_logits_of_the_other_convention_are_rejected(focal):
+    outputs, targets = random_case(13, focal=not focal)  # K + 1 logits for a focal criterion, K for softmax
+    with pytest.raises(ValueError, match="convention"):
+        criterion(focal=focal)(outputs, targets)
+
+
+@pytest.mark.parametrize("weight_dict, losses, bad", [
+    ({"loss_ce": 1, "loss_gou": 2}, LOSSES, "loss_gou"),  # typo
+    ({"loss_ce": 1, "loss_bbox_x": 5}, LOSSES, "loss_bbox_x"),  # unknown suffix
+    ({"class_error": 1}, LOSSES, "class_error"),  # logged, not trained
+    ({"cardinality_error": 1}, LOSSES, "cardinality_error"),
+    ({"loss_bbox": 5}, ["labels"], "loss_bbox"),  # a term of a loss that is not computed
+])
+def test_unknown_weight_dict_keys_are_rejected(weight_dict, losses, bad):
+    with pytest.raises(ValueError, match=f"unknown keys \\['{bad}'\\]"):
+        SetCriterion(K, HungarianMatcher(num_classes=K), weight_dict, 0.1, losses)
+
+
+def test_suffixed_weight_dict_keys_are_accepted_and_must_be_produced():
+    weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
+    full = {**weights, **{f"{k}_{i}": w for k, w in weights.items() for i in (0, 1)},
+            **{f"{k}_enc": w for k, w in weights.items()}}
+    crit = SetCriterion(K, HungarianMatcher(num_classes=K, cost_class=2, focal_alpha=0.25), full, 0.1, LOSSES,
+                        focal_alpha=0.25)
+    outputs, targets = random_case(14, focal=True)
+    aux = [random_case(15 + i, focal=True)[0] for i in range(2)]
+    assert set(full) <= set(crit({**outputs, "aux_outputs": aux, "enc_outputs": outputs}, targets))
+    # one auxiliary layer fewer than the weights name: loss_*_1 would silently never be trained
+    with pytest.raises(ValueError, match=r"weight_dict names \['loss_bbox_1', 'loss_ce_1', 'loss_giou_1'\]"):
+        crit({**outputs, "aux_outputs": aux[:1], "enc_outputs": outputs}, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("focal", [False, True])
+def test_half_precision_outputs_give_float32_losses(dtype, focal):
+    outputs, targets = random_case(16, focal=focal)
+    aux = [random_case(17, focal=focal)[0]]
+    half = {k: v.to(dtype).requires_grad_() for k, v in outputs.items()}
+    half_aux = [{k: v.to(dtype) for k, v in a.items()} for a in aux]
+    crit = criterion(focal=focal)
+    losses = crit({**half, "aux_outputs": half_aux}, targets)
+    expected = crit({**{k: v.detach().float() for k, v in half.items()},
+                     "aux_outputs": [{k: v.float() for k, v in a.items()} for a in half_aux]}, targets)
+    for key, value in expected.items():
+        assert losses[key].dtype == torch.float32, key
+        torch.testing.assert_close(losses[key], value, rtol=0, atol=0, msg=key)
+    (losses["loss_ce"] + losses["loss_bbox"] + losses["loss_giou"]).backward()
+    assert half["pred_logits"].grad.dtype == dtype and torch.isfinite(half["pred_boxes"].grad.float()).all()
+
+
+def test_targets_are_validated_once_per_batch(monkeypatch):
+    import detr_tutorial.losses as losses_module
+    import detr_tutorial.matcher as matcher_module
+
+    calls = []
+    original = losses_module.check_targets
+    monkeypatch.setattr(losses_module, "check_targets", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(matcher_module, "check_targets", lambda *a, **k: calls.append(2) or original(*a, **k))
+    outputs, targets = random_case(18)
+    aux = [random_case(19 + i)[0] for i in range(3)]
+    criterion()({**outputs, "aux_outputs": aux}, targets)
+    assert calls == [1]  # once in the criterion, never again in the matcher for each of the 4 layers
+    with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must lie in"):
+        criterion()({**outputs, "aux_outputs": aux}, [{**targets[0], "labels": targets[0]["labels"] + 5},
+                                                      targets[1]])
+
+
+@pytest.mark.parametrize("model", ["detr", "deformable_detr"])
+def test_training_builders_wire_one_convention(model):
+    from detr_tutorial.postprocess import PostProcess, PostProcessTopK
+    from detr_tutorial.presets import MODELS, PRESETS
+
+    net, crit, post = MODELS[model](K, **PRESETS["tiny"].models[model])
+    focal = model == "deformable_detr"
+    assert crit.matcher.focal == focal and (crit.focal_alpha is not None) == focal
+    assert crit.num_classes == crit.matcher.num_classes == post.num_classes == K
+    assert isinstance(post, PostProcessTopK if focal else PostProcess)
+    outputs = net(torch.rand(2, 3, 32, 32))
+    assert outputs["pred_logits"].shape[-1] == (K if focal else K + 1)
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]])
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": boxes}] * 2
+    assert set(crit.weight_dict) <= set(crit(outputs, targets))
+    assert len(post(outputs, torch.tensor([[32, 32], [32, 32]]))) == 2

@@ -11,6 +11,7 @@ from detr_tutorial.models import (PositionEmbeddingSine, Transformer, Transforme
                                   TransformerEncoderLayer)
 
 VECTORS = Path(__file__).parent / "data" / "official_vectors.pt"
+REFERENCE = Path(__file__).parent / "data" / "detr_reference.pt"
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +19,32 @@ def official():
     return torch.load(VECTORS, weights_only=False)["transformer"]
 
 
-def test_matches_official_vectors(official):
-    model = Transformer(**official["kwargs"]).eval()
-    assert set(model.state_dict()) == set(official["state_dict"])
-    model.load_state_dict(official["state_dict"])
-    assert official["mask"].any(), "the stored case should contain padding"
+def check_against_official(ref):
+    """Load an official state dict, run the stored inputs, compare with the official outputs."""
+    model = Transformer(**ref["kwargs"]).eval()
+    assert set(model.state_dict()) == set(ref["state_dict"])
+    model.load_state_dict(ref["state_dict"])
+    assert ref["mask"].any(), "the stored case should contain padding"
     with torch.no_grad():
-        hs, memory = model(official["src"], official["mask"], official["query_embed"], official["pos_embed"])
-    torch.testing.assert_close(hs, official["hs"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(memory, official["memory"], atol=1e-5, rtol=1e-5)
+        hs, memory = model(ref["src"], ref["mask"], ref["query_embed"], ref["pos_embed"])
+    assert hs.shape == ref["hs"].shape
+    torch.testing.assert_close(hs, ref["hs"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(memory, ref["memory"], atol=1e-5, rtol=1e-5)
+
+
+def test_matches_official_vectors(official):
+    assert not official["kwargs"]["normalize_before"]
+    check_against_official(official)
+
+
+def test_pre_norm_matches_official_vectors():
+    """Official DETR outputs with normalize_before=True (tests/data/make_detr_reference.py): every
+    parameter, each LayerNorm included, differs from its initial value, so a norm dropped, moved or
+    swapped with another changes the result."""
+    ref = torch.load(REFERENCE, weights_only=False)["transformer_pre_norm"]
+    assert ref["kwargs"]["normalize_before"] and ref["kwargs"]["return_intermediate_dec"]
+    assert ref["hs"].shape == (2, 2, 7, 32)  # every decoder layer's output
+    check_against_official(ref)
 
 
 def test_last_layer_only_without_intermediate(official):

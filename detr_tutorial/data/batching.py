@@ -20,6 +20,9 @@ def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """List of (C, H_i, W_i) images -> ``(batch (B, C, H, W), mask (B, H, W) bool)``.
 
     ``H``/``W`` are the largest heights/widths; ``mask`` is True on padding.
+    All images must share one dtype and one device: mixing, say, uint8 images
+    (0..255) with float images (0..1) is an error rather than a promotion,
+    because no promotion puts both on the same scale.
     """
     if len(images) == 0:
         raise ValueError("images must hold at least one (C, H, W) tensor")
@@ -30,6 +33,13 @@ def pad_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     channels = {im.shape[0] for im in images}
     if len(channels) != 1:
         raise ValueError(f"all images must have the same number of channels, got {sorted(channels)}")
+    dtypes = {im.dtype for im in images}
+    if len(dtypes) != 1:
+        raise ValueError(f"all images must have the same dtype, got {sorted(map(str, dtypes))}; convert them first, "
+                         "e.g. with torchvision.transforms.v2.ToDtype(torch.float32, scale=True)")
+    devices = {im.device for im in images}
+    if len(devices) != 1:
+        raise ValueError(f"all images must be on the same device, got {sorted(map(str, devices))}")
     c = images[0].shape[0]
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
