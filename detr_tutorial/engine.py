@@ -67,7 +67,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         for name in ("lr", "lr_backbone", "weight_decay", "lr_gamma", "clip_max_norm"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive or None, got {self.max_seconds!r}")
@@ -136,8 +136,12 @@ class Trainer:
                  classes: Optional[Sequence[str]] = None, device: torch.device | str = "cpu",
                  out_dir: Optional[str | Path] = None, callbacks: Sequence[Callable] = (),
                  progress: bool = True, run: Optional[dict] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not hasattr(train_loader, "__len__"):
+            raise TypeError(f"train_loader must have a len (a DataLoader), got {type(train_loader).__name__}")
         if not hasattr(criterion, "weight_dict"):
             raise TypeError("criterion must have a weight_dict attribute (loss name -> weight)")
         if val_loader is not None and postprocess is None:

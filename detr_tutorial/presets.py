@@ -172,6 +172,7 @@ def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ..
     validation loader has a private generator: a DataLoader draws a seed each
     time it is iterated, and evaluating must not shift the training shuffle.
     """
+    _check_preset(preset)
     d = preset.data
     splits = [ShapesDataset(n, image_size=d.image_size, max_objects=d.max_objects, object_size=d.object_size,
                             seed=seed)
@@ -190,8 +191,7 @@ def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu",
     The trainer's checkpoints record :func:`describe_run` (model name, data,
     batch size, model settings); resuming with other settings is refused."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    if not isinstance(preset, Preset):
-        raise TypeError(f"preset must be a Preset or a preset name, got {type(preset).__name__}")
+    _check_preset(preset)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
     if model not in preset.models:
@@ -201,6 +201,11 @@ def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu",
     return Trainer(net, criterion, train_loader, preset.train, val_loader=val_loader, postprocess=postprocess,
                    classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress,
                    run=describe_run(preset, model))
+
+
+def _check_preset(preset: object) -> None:
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a Preset or a preset name, got {type(preset).__name__}")
 
 
 def describe_run(preset: Preset, model: str) -> dict:

@@ -96,7 +96,7 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """``torch.load(path, weights_only=True)`` with errors that name the file and say what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError(f"{path}: {'not a file' if path.exists() else 'no such checkpoint file'}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:
@@ -176,9 +176,14 @@ def check_training_state(state: Mapping, optimizer: torch.optim.Optimizer, confi
         ValueError: an entry is missing or malformed (``source`` names the file).
         ResumeMismatchError: see :func:`resume_conflicts`.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{source} must be a dict as Trainer.state_dict() returns, got {type(state).__name__}")
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:
         raise ValueError(f"{source} lacks the training-checkpoint entries {missing}")
+    for name in ("optimizer", "scheduler", "config"):
+        if not isinstance(state[name], Mapping):
+            raise ValueError(f"{source}: {name} must be a dict, got {type(state[name]).__name__}")
     theirs = [len(g["params"]) for g in state["optimizer"].get("param_groups", [])]
     ours = [len(g["params"]) for g in optimizer.param_groups]
     if theirs != ours:

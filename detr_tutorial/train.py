@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run files that --out already holds and start over")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    p.add_argument("--seed", type=_positive(int, allow_zero=True), default=0, help="seed of initialisation and shuffling")
     p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for PyTorch (default: PyTorch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -148,9 +148,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.object_size is not None and not 0 < args.object_size[0] <= args.object_size[1] <= 1:
         parser.error(f"--object-size needs 0 < MIN <= MAX <= 1, got {args.object_size}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     overrides = {k: v for k, v in (("epochs", args.epochs), ("eval_every", args.eval_every),
                                    ("max_seconds", args.max_seconds)) if v is not None}
     data = {k: v for k, v in (("image_size", args.image_size),

@@ -32,7 +32,7 @@ def randomise_frozen_bn(state_dict, seed=1):
 
 def test_official_layout_round_trip():
     """A state dict with exactly the official R50 keys and shapes loads, and every tensor lands."""
-    layout = torch.load(VECTORS, weights_only=False)["detr_r50_state_dict_keys"]
+    layout = torch.load(VECTORS, weights_only=True)["detr_r50_state_dict_keys"]
     fake = {k: torch.full(shape, float(i)) for i, (k, shape) in enumerate(layout)}  # tensor i holds i
     model = build_detr()
     assert load_official_detr(model, {"model": fake, "epoch": 499}) is model
@@ -57,7 +57,7 @@ def test_loaded_model_reproduces_the_source_model():
 
 
 def test_transformer_vectors_load_through_the_model():
-    vec = torch.load(VECTORS, weights_only=False)["transformer"]
+    vec = torch.load(VECTORS, weights_only=True)["transformer"]
     kw = vec["kwargs"]
     model = small(0, hidden_dim=kw["d_model"], nheads=kw["nhead"], enc_layers=kw["num_encoder_layers"],
                   dec_layers=kw["num_decoder_layers"], dim_feedforward=kw["dim_feedforward"], dropout=0.0)

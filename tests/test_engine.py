@@ -342,7 +342,7 @@ def test_evaluation_every_epoch():
 
 @pytest.mark.parametrize("kwargs, match", [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),
                                            ({"warmup_steps": 1.5}, "warmup_steps"),
-                                           ({"max_seconds": 0}, "max_seconds")])
+                                           ({"max_seconds": 0}, "max_seconds"), ({"lr": True}, "lr")])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
@@ -358,3 +358,9 @@ def test_trainer_rejects_bad_arguments():
         Trainer(TinyDetector(), nn.Identity(), _loader(), TrainConfig(), progress=False)
     with pytest.raises(ValueError, match="postprocess"):
         Trainer(TinyDetector(), TinyCriterion(), _loader(), TrainConfig(), val_loader=_loader(), progress=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        Trainer(TinyDetector, TinyCriterion(), _loader(), TrainConfig(), progress=False)
+    with pytest.raises(TypeError, match="train_loader must have a len"):
+        Trainer(TinyDetector(), TinyCriterion(), (b for b in _loader()), TrainConfig(), progress=False)
+    with pytest.raises(TypeError, match="must be a dict as Trainer.state_dict"):
+        _trainer().load_state_dict([("model", {})])

@@ -24,7 +24,7 @@ def test_train_writes_checkpoint_and_metrics(tmp_path):
     records = _records(tmp_path)
     assert [r["epoch"] for r in records] == [0]
     assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "AP", "AP50", "step"} <= set(records[0])
-    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == records[0]["step"] > 0
 
 
@@ -128,11 +128,17 @@ def test_commands_record_the_code_version(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, flag", [(["--epochs", "0"], "--epochs"), (["--image-size", "-8"], "--image-size"),
-                                        (["--max-seconds", "0"], "--max-seconds"),
-                                        (["--object-size", "0.5", "0.2"], "--object-size")])
+                                        (["--max-seconds", "0"], "--max-seconds"), (["--seed", "-1"], "--seed"),
+                                        (["--object-size", "0.5", "0.2"], "--object-size"),
+                                        (["--device", "tpu"], "--device must be cpu, cuda or auto")])
 def test_bad_numbers_are_rejected(tmp_path, capsys, args, flag):
     assert flag in _refused(capsys, tmp_path, *args)
     assert not tmp_path.joinpath("commands.jsonl").exists()
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a folder" in _refused(capsys, tmp_path / "file")
 
 
 def test_data_overrides_reach_the_data(tmp_path):
