@@ -159,7 +159,7 @@ class Trainer:
         self.epoch, self.step, self.train_seconds = 0, 0, 0.0
         self.step_log: list[dict] = []
         self.epoch_log: list[dict] = []
-        self.continues: Optional[Path] = None  # the checkpoint file this run loaded or wrote last
+        self.continues: Optional[Path] = None  # the checkpoint this run was loaded from or fit() wrote
         self._budget_start = 0.0  # train_seconds when the current fit began (max_seconds counts from there)
 
     def train_step(self, images: Tensor, mask: Tensor, targets: Sequence[dict]) -> dict[str, float]:
@@ -277,6 +277,7 @@ class Trainer:
     def _write(self) -> None:
         """The checkpoint first, then the records rewritten from its ``epoch_log`` (never ahead of it)."""
         self.save_checkpoint(self.out_dir / CHECKPOINT)
+        self.continues = self.out_dir / CHECKPOINT
         write_jsonl(self.out_dir / METRICS, self.epoch_log)
 
     def state_dict(self) -> dict:
@@ -309,7 +310,6 @@ class Trainer:
     def save_checkpoint(self, path: str | Path) -> None:
         """Write :meth:`state_dict` to ``path`` atomically (an interrupt leaves the previous file intact)."""
         save_checkpoint(self.state_dict(), path)
-        self.continues = Path(path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Continue from a checkpoint that :meth:`save_checkpoint` wrote (loaded with ``weights_only=True``)."""

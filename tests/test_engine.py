@@ -284,6 +284,15 @@ def test_out_dir_with_another_run_is_refused(tmp_path):
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
 
+def test_the_same_trainer_continues_in_its_own_out_dir(tmp_path):
+    trainer = _trainer(epochs=1, out_dir=tmp_path)
+    trainer.fit()
+    trainer.save_checkpoint(tmp_path / "backup.pth")  # a copy elsewhere does not disown the folder
+    trainer.config.epochs = 2
+    trainer.fit()
+    assert [r["epoch"] for r in run_dir.read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"lr": 1e-3}, r"train\.lr is 0\.001 here but 0\.01 in the checkpoint"),
     ({"clip_max_norm": 0.0}, r"train\.clip_max_norm is 0\.0 here but 0\.1"),
