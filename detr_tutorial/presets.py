@@ -32,8 +32,7 @@ from .models import build_deformable_detr, build_detr
 from .postprocess import PostProcess, PostProcessTopK
 
 __all__ = ["MODELS", "PRESETS", "DataConfig", "Preset", "build_deformable_detr_training", "build_detr_training",
-           "build_loaders", "get_preset",
-           "make_trainer"]
+           "build_loaders", "describe_run", "get_preset", "make_trainer"]
 
 
 @dataclass(frozen=True)
@@ -159,10 +158,11 @@ def get_preset(name: str, data: Optional[dict] = None, **train_overrides) -> Pre
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
-    unknown = set(data or {}) - {f.name for f in dataclasses.fields(DataConfig)}
-    if unknown:
-        raise ValueError(f"data overrides {sorted(unknown)} are not DataConfig fields; "
-                         f"choose from {[f.name for f in dataclasses.fields(DataConfig)]}")
+    for given, config in ((data or {}, DataConfig), (train_overrides, TrainConfig)):
+        fields = [f.name for f in dataclasses.fields(config)]
+        unknown = set(given) - set(fields)
+        if unknown:
+            raise ValueError(f"overrides {sorted(unknown)} are not {config.__name__} fields; choose from {fields}")
     return dataclasses.replace(preset, data=dataclasses.replace(preset.data, **(data or {})),
                                train=dataclasses.replace(preset.train, **train_overrides))
 
@@ -175,6 +175,7 @@ def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ..
     validation loader has a private generator: a DataLoader draws a seed each
     time it is iterated, and evaluating must not shift the training shuffle.
     """
+    _check_preset(preset)
     d = preset.data
     splits = [ShapesDataset(n, image_size=d.image_size, max_objects=d.max_objects, object_size=d.object_size,
                             seed=seed)
@@ -188,8 +189,12 @@ def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ..
 
 def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu", out_dir: Optional[str | Path] = None,
                  progress: bool = True, callbacks: tuple = ()) -> Trainer:
-    """Data, model, criterion, post-processing and :class:`Trainer` for ``preset`` and ``model``."""
+    """Data, model, criterion, post-processing and :class:`Trainer` for ``preset`` and ``model``.
+
+    The trainer's checkpoints record :func:`describe_run` (model name, data,
+    batch size, model settings); resuming with other settings is refused."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    _check_preset(preset)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
     if model not in preset.models:
@@ -197,4 +202,16 @@ def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu",
     train_loader, val_loader, classes = build_loaders(preset)
     net, criterion, postprocess = MODELS[model](len(classes), **preset.models[model])
     return Trainer(net, criterion, train_loader, preset.train, val_loader=val_loader, postprocess=postprocess,
-                   classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress)
+                   classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress,
+                   run=describe_run(preset, model))
+
+
+def _check_preset(preset: object) -> None:
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a Preset or a preset name, got {type(preset).__name__}")
+
+
+def describe_run(preset: Preset, model: str) -> dict:
+    """What a run's checkpoint records besides the optimisation: model name, data, batch size, model settings."""
+    return {"model": model, "data": dataclasses.asdict(preset.data), "batch_size": preset.batch_size,
+            "model_kwargs": dict(preset.models[model])}

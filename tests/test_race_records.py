@@ -7,10 +7,12 @@ test fails: rerun the commands printed in the chapter and copy the two files aga
 """
 import dataclasses
 import json
+import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from detr_tutorial import presets, train
 
@@ -27,6 +29,25 @@ def _settings(preset: dict) -> dict:
     written is absent from it, and must then still have the default that reproduces the old code."""
     data = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(presets.DataConfig)}
     return {**{k: v for k, v in preset.items() if k != "description"}, "data": {**data, **preset["data"]}}
+
+
+def _check_provenance(record: dict) -> None:
+    """Records written since the CLI records the outcome ("status") also carry the code version; older
+    records have neither and are accepted as they are."""
+    if "status" not in record:
+        assert "code" not in record
+        return
+    code = record["code"]
+    assert code["commit"] == "unknown" or re.fullmatch("[0-9a-f]{40}", code["commit"])
+    assert code["dirty"] in ((None,) if code["commit"] == "unknown" else (True, False))
+
+
+def test_new_records_carry_the_code_version(tmp_path):
+    record = train.record_command(tmp_path, ["--preset", "race"], presets.get_preset("race"), "detr",
+                                  torch.device("cpu"))
+    assert record["status"] == "running" and "code" in record
+    _check_provenance(record)
+    assert train.finish_command(tmp_path, "finished")["status"] == "finished"
 
 
 def test_every_setting_has_both_models():
@@ -50,5 +71,7 @@ def test_recorded_run_matches_todays_command(run):
     today = _settings(json.loads(json.dumps(dataclasses.asdict(preset))))
     for record in commands:  # every invocation (first run and resumes) used today's settings
         assert _settings(record["preset"]) == today
+        _check_provenance(record)
+    assert commands[-1].get("status", "finished") == "finished"  # the last invocation completed the run
     assert [r["epoch"] for r in metrics] == list(range(preset.train.epochs))
     assert all("AP50" in r for r in metrics)
