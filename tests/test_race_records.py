@@ -24,11 +24,13 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _settings(preset: dict) -> dict:
-    """What a run did: everything but the description. A data field added after a record was
+def _settings(preset: dict, model: str) -> dict:
+    """What a run of ``model`` did: everything but the description and the other models' settings (models
+    that join a preset later do not change what an earlier run did). A data field added after a record was
     written is absent from it, and must then still have the default that reproduces the old code."""
     data = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(presets.DataConfig)}
-    return {**{k: v for k, v in preset.items() if k != "description"}, "data": {**data, **preset["data"]}}
+    return {**{k: v for k, v in preset.items() if k not in ("description", "models")},
+            "data": {**data, **preset["data"]}, "model": preset["models"][model]}
 
 
 def _check_provenance(record: dict) -> None:
@@ -68,9 +70,9 @@ def test_recorded_run_matches_todays_command(run):
         data["object_size"] = tuple(args.object_size)
     assert run.name == Path(args.out).name and run.name.startswith(SHORT[args.model] + "_")
     preset = presets.get_preset(args.preset, data=data)
-    today = _settings(json.loads(json.dumps(dataclasses.asdict(preset))))
+    today = _settings(json.loads(json.dumps(dataclasses.asdict(preset))), args.model)
     for record in commands:  # every invocation (first run and resumes) used today's settings
-        assert _settings(record["preset"]) == today
+        assert _settings(record["preset"], args.model) == today
         _check_provenance(record)
     assert commands[-1].get("status", "finished") == "finished"  # the last invocation completed the run
     assert [r["epoch"] for r in metrics] == list(range(preset.train.epochs))
