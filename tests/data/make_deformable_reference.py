@@ -75,11 +75,13 @@ def transformer_case(official):
 
 def proposals_case(official):
     """Six levels, widest 56 columns: centres 0.5/56 < 0.01 and (55.5)/56 > 0.99 fall outside the valid
-    range, level 5's size 0.05 * 32 = 1.6 too; image 1 is padded to 150 of 224 columns, 12 of 16 rows."""
+    range, level 5's size 0.05 * 32 = 1.6 too; image 1 is padded to 150 of 224 columns, 12 of 16 rows,
+    and a padded notch inside that rectangle holds proposals that only the padding mask makes invalid."""
     shapes = [(4, 56), (2, 28), (1, 14), (1, 7), (1, 4), (1, 2)]
     mask = torch.zeros(2, 16, 224, dtype=torch.bool)
     mask[1, 12:] = True
     mask[1, :, 150:] = True
+    mask[1, 8:, 100:] = True
     masks = [F.interpolate(mask[None].float(), size=s).to(torch.bool)[0] for s in shapes]
     g = torch.Generator().manual_seed(2)
     heads = torch.nn.ModuleDict({"enc_output": torch.nn.Linear(8, 8), "enc_output_norm": torch.nn.LayerNorm(8)})
