@@ -1,5 +1,6 @@
 """Deformable DETR: transformer pieces, the model, its options and the training builder."""
 import functools
+import importlib.util
 import math
 import pathlib
 import re
@@ -13,7 +14,7 @@ from detr_tutorial.models import DeformableDETR, build_deformable_detr
 from detr_tutorial.models.deformable_transformer import (DeformableTransformer, DeformableTransformerEncoder,
                                                          inverse_sigmoid, valid_ratios)
 from detr_tutorial.models.position_encoding import PositionEmbeddingSine
-from test_ms_deform_attn import load_official_module, official_module, official_source
+from test_ms_deform_attn import OFFICIAL_REPO, load_official_module, official_module, official_source
 
 SMALL = dict(backbone="small", num_classes=3, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=10, small_widths=(8, 16, 32), dropout=0.0)
@@ -339,3 +340,21 @@ def test_transformer_parity_with_official(refine):
     got = ours(srcs, masks, pos, query)
     for a, b in zip(got[:3], expected[:3]):
         torch.testing.assert_close(a, b)
+
+
+def test_stored_reference_is_reproducible_from_the_clone(tmp_path, monkeypatch):
+    """The generating script, re-run on the clone (skipped without it), writes the stored outputs again."""
+    load_official_module()  # skips without the clone
+    monkeypatch.setenv("DEFORMABLE_DETR_REPO", str(OFFICIAL_REPO))  # the script sets it; restored afterwards
+    spec = importlib.util.spec_from_file_location("make_deformable_reference", REFERENCE.parent /
+                                                  "make_deformable_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(OFFICIAL_REPO, tmp_path / "fresh.pt")
+    fresh, stored = torch.load(tmp_path / "fresh.pt"), official_reference()
+    if fresh["commit"] != stored["commit"]:
+        pytest.skip(f"the clone is at {fresh['commit']}, the stored outputs come from {stored['commit']}")
+    torch.testing.assert_close(fresh["proposals"]["output_proposals"], stored["proposals"]["output_proposals"])
+    for name, case in stored["models"].items():
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(fresh["models"][name]["outputs"][key], case["outputs"][key])
