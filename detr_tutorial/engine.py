@@ -18,7 +18,6 @@ optimiser step (see :mod:`detr_tutorial.divergence`).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from .checkpoints import check_state_dict
 from .divergence import NonFiniteLossError, diverged, non_finite_outputs
 from .evaluation import evaluate_model
-from .run_dir import (CHECKPOINT, METRICS, ResumeMismatchError, check_training_state, get_rng_state,
+from .run_dir import (CHECKPOINT, METRICS, ResumeMismatchError, check_out_dir, check_training_state, get_rng_state,
                       read_training_checkpoint, save_checkpoint, set_rng_state, write_jsonl)
 
 __all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainConfig", "Trainer", "build_optimizer", "build_scheduler"]
@@ -239,7 +238,7 @@ class Trainer:
         if self.epoch > cfg.epochs:
             raise ValueError(f"config.epochs is {cfg.epochs} but {self.epoch} epochs are already trained")
         if self.out_dir is not None:
-            self._check_out_dir()
+            check_out_dir(self.out_dir, self.continues)
         self._budget_start = self.train_seconds
         bar = tqdm(total=cfg.epochs, initial=self.epoch, desc="training", disable=not self.progress)
         try:
@@ -264,15 +263,6 @@ class Trainer:
         finally:
             bar.close()
         return self.epoch_log
-
-    def _check_out_dir(self) -> None:
-        """Refuse an ``out_dir`` holding another run: writing there would overwrite its checkpoint."""
-        ours = self.out_dir / CHECKPOINT
-        found = [name for name in (CHECKPOINT, METRICS) if (self.out_dir / name).exists()]
-        if found and not (self.continues is not None and ours.exists() and os.path.samefile(ours, self.continues)):
-            raise FileExistsError(f"{self.out_dir} already holds a training run ({', '.join(found)}); continue it "
-                                  f"with trainer.load_checkpoint({str(ours)!r}) before fit(), or choose another "
-                                  f"out_dir, or delete those files to start over")
 
     def _write(self) -> None:
         """The checkpoint first, then the records rewritten from its ``epoch_log`` (never ahead of it)."""

@@ -10,6 +10,7 @@ architecture adds its recipe there and its keyword arguments to the presets it s
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -137,6 +138,8 @@ def _check_preset(preset: object) -> None:
 
 
 def describe_run(preset: Preset, model: str) -> dict:
-    """What a run's checkpoint records besides the optimisation: model name, data, batch size, model settings."""
-    return {"model": model, "data": dataclasses.asdict(preset.data), "batch_size": preset.batch_size,
-            "model_kwargs": dict(preset.models[model])}
+    """What a run's checkpoint records besides the optimisation: model name, data, batch size, model settings,
+    as plain JSON values (a setting that JSON cannot hold is recorded by its ``repr``)."""
+    run = {"model": model, "data": dataclasses.asdict(preset.data), "batch_size": preset.batch_size,
+           "model_kwargs": dict(preset.models[model])}
+    return json.loads(json.dumps(run, default=repr))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CHECKPOINT", "METRICS", "COMMANDS", "CheckpointError", "ResumeMismatchError", "atomic_write",
-           "check_training_state", "code_version",
+           "check_out_dir", "check_training_state", "code_version",
            "existing_run_files", "get_rng_state", "read_jsonl", "read_training_checkpoint", "read_weights",
            "resume_conflicts", "save_checkpoint", "set_rng_state", "write_jsonl"]
 
@@ -90,6 +90,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def existing_run_files(folder: str | Path) -> list[str]:
     """The run files (checkpoint, metrics, commands) that ``folder`` already holds."""
     return [name for name in (CHECKPOINT, METRICS, COMMANDS) if (Path(folder) / name).exists()]
+
+
+def check_out_dir(out_dir: Path, continues: Path | None) -> None:
+    """Refuse an ``out_dir`` holding another run than the checkpoint ``continues``: it would be overwritten."""
+    ours = out_dir / CHECKPOINT
+    found = [name for name in (CHECKPOINT, METRICS) if (out_dir / name).exists()]
+    if found and not (continues is not None and ours.exists() and os.path.samefile(ours, continues)):
+        raise FileExistsError(f"{out_dir} already holds a training run ({', '.join(found)}); continue it with "
+                              f"trainer.load_checkpoint({str(ours)!r}) before fit(), or choose another out_dir, "
+                              f"or delete those files to start over")
 
 
 def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

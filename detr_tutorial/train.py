@@ -73,7 +73,7 @@ def finish_command(out: str | Path, status: str, error: Optional[BaseException] 
     records = read_jsonl(path)
     records[-1].update(status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if error is not None:
-        records[-1]["error"] = f"{type(error).__name__}: {error}"
+        records[-1]["error"] = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     write_jsonl(path, records)
     return records[-1]
 

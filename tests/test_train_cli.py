@@ -100,7 +100,8 @@ def test_the_outcome_of_a_run_is_recorded(tmp_path, monkeypatch, error, status):
     with pytest.raises(type(error)):
         _run(tmp_path, "--epochs", "1")
     record = run_dir.read_jsonl(tmp_path / "commands.jsonl")[-1]
-    assert record["status"] == status and record["error"] == f"{type(error).__name__}: {error}"
+    assert record["status"] == status and record["error"] == {"failed": "RuntimeError: boom",
+                                                              "interrupted": "KeyboardInterrupt"}[status]
 
 
 def test_max_seconds_stop_is_recorded(tmp_path, capsys):
