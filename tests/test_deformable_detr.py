@@ -1,6 +1,10 @@
 """Deformable DETR: transformer pieces, the model, its options and the training builder."""
+import functools
+import importlib.util
 import math
+import pathlib
 import re
+import types
 import warnings
 
 import pytest
@@ -9,7 +13,8 @@ import torch
 from detr_tutorial.models import DeformableDETR, build_deformable_detr
 from detr_tutorial.models.deformable_transformer import (DeformableTransformer, DeformableTransformerEncoder,
                                                          inverse_sigmoid, valid_ratios)
-from test_ms_deform_attn import load_official_module, official_module, official_source
+from detr_tutorial.models.position_encoding import PositionEmbeddingSine
+from test_ms_deform_attn import OFFICIAL_REPO, load_official_module, official_module, official_source
 
 SMALL = dict(backbone="small", num_classes=3, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=10, small_widths=(8, 16, 32), dropout=0.0)
@@ -114,16 +119,141 @@ def test_group_norm_groups_divide_small_hidden_dims():
     assert model(*images_and_mask())["pred_boxes"].shape == (2, 10, 4)
 
 
-def test_padding_does_not_change_the_image_content_result():
-    """An image alone and the same image padded in a batch give the same detections (the untrained
-    backbone's BatchNorm keeps padded pixels at zero, like convolution padding; the transformer
-    must then ignore the padding through masks and valid ratios)."""
+def test_transformer_ignores_padding():
+    """Maps padded with random values give the decoder outputs of the unpadded maps: the padding mask
+    keeps padded tokens out of every attention and the valid ratios (different per level here) put
+    every reference point on the same pixels. (The whole model is not padding-invariant: GroupNorm in
+    ``input_proj`` takes its statistics over the padded map, as in the official code.)"""
     torch.manual_seed(0)
-    model = build_deformable_detr(**SMALL).eval()
+    t = DeformableTransformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                              dim_feedforward=64, dropout=0.0, num_feature_levels=3, dec_n_points=2,
+                              enc_n_points=2).eval()
+    t.decoder.bbox_embed = torch.nn.ModuleList(torch.nn.Linear(32, 4) for _ in range(2))  # box references
+    position = PositionEmbeddingSine(16, normalize=True, offset=-0.5)
+    g = torch.Generator().manual_seed(1)
+    alone, padded = ([], [], []), ([], [], [])
+    for (h, w), (big_h, big_w) in zip([(8, 6), (4, 3), (2, 2)], [(10, 8), (5, 4), (3, 3)]):
+        src = torch.randn(1, 32, big_h, big_w, generator=g)
+        mask = torch.ones(1, big_h, big_w, dtype=torch.bool)
+        mask[:, :h, :w] = False
+        for store, s, m in ((alone, src[..., :h, :w], mask[:, :h, :w]), (padded, src, mask)):
+            store[0].append(s)
+            store[1].append(m)
+            store[2].append(position(m))
+    query = torch.randn(7, 64, generator=g)
+    with torch.no_grad():
+        expected, got = t(*alone, query), t(*padded, query)
+    for a, b in zip(got[:3], expected[:3]):  # hs, initial and per-layer references
+        torch.testing.assert_close(a, b)
+
+
+def test_refinement_detaches_the_reference_between_layers():
+    """With box refinement, layer l's predictions send no gradient into layer l-1's box head: the box
+    layer l-1 hands on as reference is detached (official ``new_reference_points.detach()``)."""
+    torch.manual_seed(0)
+    model = build_deformable_detr(**SMALL, with_box_refine=True)
+    with torch.no_grad():
+        for head in model.bbox_embed:  # zero-initialised last layers would block every gradient
+            head.layers[-1].weight.normal_(std=0.1)
+    out = model(*images_and_mask())
+    last_layer = out["pred_boxes"].sum() + out["pred_logits"].sum()
+    first_head = list(model.bbox_embed[0].parameters())
+    grads = torch.autograd.grad(last_layer, first_head + list(model.bbox_embed[1].parameters()),
+                                retain_graph=True, allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads[:len(first_head)])
+    assert all(g is not None and g.abs().max() > 0 for g in grads[len(first_head):])
+    # layer 0's own boxes do train its head
+    grads = torch.autograd.grad(out["aux_outputs"][0]["pred_boxes"].sum(), first_head)
+    assert all(g.abs().max() > 0 for g in grads)
+
+
+def test_small_and_fully_padded_inputs_raise():
+    model = build_deformable_detr(**SMALL).eval()  # hidden 32: GroupNorm(32, 32), one channel per group
+    with pytest.raises(ValueError, match="16x16 pixels are too small.*larger than 16 pixels"):
+        model(torch.rand(1, 3, 16, 16))
+    assert model(torch.rand(1, 3, 17, 16))["pred_boxes"].shape == (1, 10, 4)  # level 3 is 2x1
     images, mask = images_and_mask()
-    alone = model(images[1:, :, :28, :16])
-    padded = model(images[1:], mask[1:])
-    torch.testing.assert_close(padded["pred_boxes"], alone["pred_boxes"], rtol=1e-4, atol=1e-4)
+    mask[1] = True
+    with pytest.raises(ValueError, match="image 1 of the batch as fully padded"):
+        model(images, mask)
+    wide = build_deformable_detr(**dict(SMALL, hidden_dim=64))  # GroupNorm(32, 64): 1x1 maps are fine
+    assert wide.eval()(torch.rand(1, 3, 16, 16))["pred_boxes"].shape == (1, 10, 4)
+
+
+REFERENCE = pathlib.Path(__file__).parent / "data" / "deformable_reference.pt"
+
+
+@functools.cache
+def official_reference():
+    """Official outputs written by ``tests/data/make_deformable_reference.py`` (it names the commit)."""
+    return torch.load(REFERENCE)
+
+
+def test_reference_data_names_its_source():
+    ref = official_reference()
+    assert re.fullmatch(r"[0-9a-f]{40}", ref["commit"]) and ref["repository"].endswith("/Deformable-DETR")
+    assert (pathlib.Path(__file__).parent.parent / ref["script"]).exists()
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_transformer_matches_stored_official_outputs(refine):
+    case = official_reference()["transformer"]
+    ours = DeformableTransformer(**case["kwargs"]).eval()
+    ours.load_state_dict(case["state_dict"], strict=True)
+    if refine:
+        ours.decoder.bbox_embed = torch.nn.ModuleList(torch.nn.Linear(32, 4) for _ in range(2))
+        ours.decoder.bbox_embed.load_state_dict(case["heads"], strict=True)
+    ours.double()
+    with torch.no_grad():
+        hs, init_ref, inter_refs, _, _ = ours([s.double() for s in case["srcs"]], case["masks"],
+                                              [p.double() for p in case["pos"]], case["query_embed"].double())
+    expected = case["refine" if refine else "plain"]
+    torch.testing.assert_close(hs, expected["hs"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(init_ref, expected["init_reference"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inter_refs, expected["inter_references"], rtol=1e-10, atol=1e-10)
+
+
+def test_encoder_proposals_match_stored_official_outputs():
+    """``gen_encoder_output_proposals``: size 0.05 * 2^level, valid range 0.01 < p < 0.99 on all four
+    coordinates, inverse sigmoid, inf on padding and out-of-range proposals, memory zeroed there."""
+    case = official_reference()["proposals"]
+    t = DeformableTransformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                              num_feature_levels=6, two_stage=True)
+    t.enc_output.load_state_dict({k[11:]: v for k, v in case["heads"].items() if k.startswith("enc_output.")})
+    t.enc_output_norm.load_state_dict({k[16:]: v for k, v in case["heads"].items()
+                                       if k.startswith("enc_output_norm.")})
+    t.double()
+    with torch.no_grad():
+        memory, proposals = t.encoder_proposals(case["memory"], case["mask_flatten"], case["spatial_shapes"])
+    expected = case["output_proposals"]
+    invalid = expected.isinf()
+    assert invalid.any(-1).sum() > 0 and (~invalid).all(-1).sum() > 0  # the case holds both kinds
+    torch.testing.assert_close(proposals, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(memory, case["output_memory"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["plain", "with_box_refine", "two_stage"])
+def test_model_matches_stored_official_outputs(variant):
+    """The official DeformableDETR's weights load with ``strict=True`` and give the same predictions
+    (final, every auxiliary layer and, two-stage, the encoder's) on a padded batch, in float64."""
+    ref = official_reference()
+    case = ref["models"][variant]
+    ours = build_deformable_detr(**ref["config"], **case["options"]).eval()
+    ours.load_state_dict(case["state_dict"], strict=True)
+    ours.double()
+    with torch.no_grad():
+        out = ours(ref["images"].double(), ref["mask"])
+    expected = case["outputs"]
+    assert len(out["aux_outputs"]) == len(expected["aux_outputs"]) == ref["config"]["dec_layers"] - 1
+    keys = ["pred_logits", "pred_boxes"]
+    pairs = [(out, expected)] + list(zip(out["aux_outputs"], expected["aux_outputs"]))
+    if variant == "two_stage":
+        pairs.append((out["enc_outputs"], expected["enc_outputs"]))
+    else:
+        assert "enc_outputs" not in out
+    for got, want in pairs:
+        for k in keys:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10)
 
 
 def test_bad_arguments():
@@ -139,16 +269,46 @@ def test_bad_arguments():
             [torch.randn(1, 32, 4, 4)] * 4)
 
 
-def load_official_transformer():
-    """The official DeformableTransformer (pure-PyTorch attention core), from the local mirror."""
-    official_attn = load_official_module()
+def _official_misc():
+    """The official ``util/misc.py`` (its torchvision version check patched to a version it accepts)."""
+    src = official_source("util/misc.py").replace("torchvision.__version__[:3]", "'0.8'")
+    return official_module("official_misc", src)
 
-    misc = official_source("util/misc.py")
-    inv = re.search(r"def inverse_sigmoid\(.*?\n(?:    .*\n)+", misc).group(0)
+
+def load_official_transformer():
+    """The official DeformableTransformer (pure-PyTorch attention core), from the local mirror.
+
+    One run-time patch: ``get_proposal_pos_embed`` hard-codes 128 channels per box coordinate
+    (= d_model / 2 for the official d_model 256); it is made ``d_model // 2`` so that two-stage
+    runs at a small hidden size, as the library does for every ``d_model``."""
+    official_attn = load_official_module()
     src = official_source("models/deformable_transformer.py")
-    src = src.replace("from util.misc import inverse_sigmoid", inv).replace(
-        "from models.ops.modules import MSDeformAttn", "")
-    return official_module("official_deformable_transformer", src, MSDeformAttn=official_attn).DeformableTransformer
+    src = src.replace("from util.misc import inverse_sigmoid", "").replace(
+        "from models.ops.modules import MSDeformAttn", "").replace(
+        "num_pos_feats = 128", "num_pos_feats = self.d_model // 2")
+    return official_module("official_deformable_transformer", src, MSDeformAttn=official_attn,
+                           inverse_sigmoid=_official_misc().inverse_sigmoid).DeformableTransformer
+
+
+def load_official_detr():
+    """The official ``DeformableDETR``, ``Joiner``, ``PositionEmbeddingSine``, ``NestedTensor`` and
+    ``nested_tensor_from_tensor_list``, executed from the local mirror with their imports stripped."""
+    misc = _official_misc()
+    names = {k: getattr(misc, k) for k in ("NestedTensor", "nested_tensor_from_tensor_list", "accuracy",
+                                           "get_world_size", "interpolate", "is_dist_avail_and_initialized",
+                                           "inverse_sigmoid")}
+    src = official_source("models/position_encoding.py").replace("from util.misc import NestedTensor", "")
+    position = official_module("official_position_encoding", src, NestedTensor=misc.NestedTensor)
+    src = official_source("models/backbone.py").replace(
+        "from util.misc import NestedTensor, is_main_process", "").replace(
+        "from .position_encoding import build_position_encoding", "")
+    backbone = official_module("official_backbone", src, NestedTensor=misc.NestedTensor)
+    src = official_source("models/deformable_detr.py")
+    src = src[:src.index("from util import box_ops")] + src[src.index("import copy"):]  # relative imports
+    detr = official_module("official_deformable_detr", src, **names)
+    return types.SimpleNamespace(DeformableDETR=detr.DeformableDETR, Joiner=backbone.Joiner,
+                                 PositionEmbeddingSine=position.PositionEmbeddingSine,
+                                 DeformableTransformer=load_official_transformer(), **names)
 
 
 @pytest.mark.parametrize("refine", [False, True])
@@ -180,3 +340,21 @@ def test_transformer_parity_with_official(refine):
     got = ours(srcs, masks, pos, query)
     for a, b in zip(got[:3], expected[:3]):
         torch.testing.assert_close(a, b)
+
+
+def test_stored_reference_is_reproducible_from_the_clone(tmp_path, monkeypatch):
+    """The generating script, re-run on the clone (skipped without it), writes the stored outputs again."""
+    load_official_module()  # skips without the clone
+    monkeypatch.setenv("DEFORMABLE_DETR_REPO", str(OFFICIAL_REPO))  # the script sets it; restored afterwards
+    spec = importlib.util.spec_from_file_location("make_deformable_reference", REFERENCE.parent /
+                                                  "make_deformable_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(OFFICIAL_REPO, tmp_path / "fresh.pt")
+    fresh, stored = torch.load(tmp_path / "fresh.pt"), official_reference()
+    if fresh["commit"] != stored["commit"]:
+        pytest.skip(f"the clone is at {fresh['commit']}, the stored outputs come from {stored['commit']}")
+    torch.testing.assert_close(fresh["proposals"]["output_proposals"], stored["proposals"]["output_proposals"])
+    for name, case in stored["models"].items():
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(fresh["models"][name]["outputs"][key], case["outputs"][key])

@@ -109,16 +109,30 @@ class DeformableDETR(nn.Module):
     def multi_scale(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Projected maps ``(B, d, H_l, W_l)``, masks and position encodings of all levels."""
         features, pos = self.backbone(images, mask)
-        srcs = [proj(x) for proj, (x, _) in zip(self.input_proj, features)]
+        srcs = [self._project(lvl, x, images.shape) for lvl, (x, _) in enumerate(features)]
         masks = [m for _, m in features]
         pos = list(pos)
         for lvl in range(len(features), self.num_feature_levels):
-            src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
+            src = self._project(lvl, features[-1][0] if lvl == len(features) else srcs[-1], images.shape)
             m = F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
             srcs.append(src)
             masks.append(m)
             pos.append(self.backbone[1](m).to(src.dtype))
         return srcs, masks, pos
+
+    def _project(self, lvl: int, x: Tensor, image_shape: torch.Size) -> Tensor:
+        """``input_proj[lvl]`` (conv, GroupNorm), refusing a 1x1 map when each group holds one channel:
+        GroupNorm would then normalise a single value."""
+        conv, norm = self.input_proj[lvl]
+        src = conv(x)
+        if norm.num_groups == norm.num_channels and src.shape[-2] * src.shape[-1] == 1:
+            strides = list(self.backbone.strides)
+            strides = strides + [strides[-1] * 2 ** k for k in range(1, self.num_feature_levels - len(strides) + 1)]
+            raise ValueError(f"images of {image_shape[-2]}x{image_shape[-1]} pixels are too small: level {lvl} "
+                             f"(stride {strides[lvl]}) is a 1x1 map and GroupNorm({norm.num_groups}, "
+                             f"{norm.num_channels}) has one channel per group; use images larger than "
+                             f"{strides[-1]} pixels in height or width")
+        return norm(src)
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> dict:
         """Detect objects.

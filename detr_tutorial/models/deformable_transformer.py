@@ -276,6 +276,11 @@ class DeformableTransformer(nn.Module):
                               for lvl, p in enumerate(pos_embeds)], 1)  # (B, S, d)
         starts = level_start_index(spatial_shapes)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
+        empty = (ratios == 0).any(-1)  # (B, L): no valid row or column on a level
+        if empty.any():
+            b, lvl = empty.nonzero()[0].tolist()
+            raise ValueError(f"masks[{lvl}] marks image {b} of the batch as fully padded; every image needs "
+                             "at least one valid (False) pixel on every level")
 
         memory = self.encoder(src_flat, spatial_shapes, starts, ratios, pos_flat, mask_flat)
 
