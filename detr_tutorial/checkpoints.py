@@ -4,55 +4,75 @@ The library's DETR uses the official parameter names, so an official state
 dict loads as it is. ``load_official_detr`` adds what ``load_state_dict``
 leaves to the reader: it accepts the whole checkpoint (``{"model": ...,
 "optimizer": ..., ...}``) and explains a mismatch -- which keys are missing or
-unexpected, which shapes differ and, for the class head, what to change.
+unexpected, which shapes differ and, for the class head, what to change. It
+also takes the path of the file and loads it with ``weights_only=True``.
+Everything is checked before anything is loaded: on an error the model is
+left as it was.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 from torch import Tensor, nn
 
-__all__ = ["load_official_detr", "CheckpointMismatchError"]
+from .run_dir import read_weights
+
+__all__ = ["load_official_detr", "check_state_dict", "CheckpointMismatchError"]
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
-def load_official_detr(model: nn.Module, state_dict: Mapping) -> nn.Module:
+def load_official_detr(model: nn.Module, state_dict: Mapping | str | Path) -> nn.Module:
     """Load an official DETR state dict (or a checkpoint with a "model" entry) into ``model``.
 
     Args:
         model: a ``DETR`` from ``build_detr`` whose configuration matches the checkpoint.
-        state_dict: ``torch.load("detr-r50-e632da11.pth")`` or its ``["model"]`` entry.
+        state_dict: the path of ``detr-r50-e632da11.pth`` (loaded with
+            ``weights_only=True``), the dict ``torch.load`` returns for it, or its ``["model"]`` entry.
 
     Returns:
         ``model``, with every parameter and buffer replaced.
 
     Raises:
         CheckpointMismatchError: listing missing keys, unexpected keys and
-            shape mismatches (nothing is loaded then).
+            shape mismatches and values that are not tensors (nothing is loaded then).
+        CheckpointError: the file cannot be read (truncated, or not a weights-only file).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(state_dict, (str, Path)):
+        state_dict = read_weights(state_dict)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state_dict)
-                         if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise CheckpointMismatchError(_explain(missing, unexpected, wrong_shape, own, state_dict))
+    check_state_dict(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
-def _explain(missing: list[str], unexpected: list[str], wrong_shape: list[str],
+def check_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``model.load_state_dict(state_dict)`` would load every
+    entry: same keys, every value a tensor of the model's shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    not_tensor = sorted(k for k in set(own) & set(state_dict) if not isinstance(state_dict[k], Tensor))
+    wrong_shape = sorted(k for k in set(own) & set(state_dict)
+                         if isinstance(state_dict[k], Tensor) and state_dict[k].shape != own[k].shape)
+    if missing or unexpected or not_tensor or wrong_shape:
+        raise CheckpointMismatchError(_explain(missing, unexpected, not_tensor, wrong_shape, own, state_dict))
+
+
+def _explain(missing: list[str], unexpected: list[str], not_tensor: list[str], wrong_shape: list[str],
              own: Mapping, theirs: Mapping) -> str:
     lines = ["the checkpoint does not fit the model:"]
+    for k in not_tensor:
+        lines.append(f"  {k}: checkpoint holds a {type(theirs[k]).__name__}, expected a tensor of shape "
+                     f"{tuple(own[k].shape)}")
     if missing:
         lines.append(f"  {len(missing)} missing key(s): {', '.join(missing)}")
     if unexpected:

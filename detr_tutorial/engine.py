@@ -10,31 +10,32 @@ warm-up, which :class:`TrainConfig` adds as an option.
 and ``criterion(outputs, targets) -> loss dict`` with a ``weight_dict``: it
 logs every step, evaluates every few epochs with pycocotools, writes
 checkpoints (model, optimizer, schedule, counters and RNG states, so a resumed
-run takes exactly the step the uninterrupted one would have) and stops with
-:class:`NonFiniteLossError` when the loss turns NaN or infinite.
+run takes exactly the step the uninterrupted one would have; see
+:mod:`detr_tutorial.run_dir` for the files) and stops with
+:class:`NonFiniteLossError` at the step where training diverges, before the
+optimiser step (see :mod:`detr_tutorial.divergence`).
 """
 from __future__ import annotations
 
-import json
 import math
-import random
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checkpoints import check_state_dict
+from .divergence import NonFiniteLossError, diverged, non_finite_outputs
 from .evaluation import evaluate_model
+from .run_dir import (CHECKPOINT, METRICS, ResumeMismatchError, check_training_state, get_rng_state,
+                      read_training_checkpoint, save_checkpoint, set_rng_state, write_jsonl)
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "build_optimizer", "build_scheduler"]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the message names the step and the loss terms."""
+__all__ = ["NonFiniteLossError", "ResumeMismatchError", "TrainConfig", "Trainer", "build_optimizer", "build_scheduler"]
 
 
 @dataclass
@@ -43,9 +44,9 @@ class TrainConfig:
 
     ``lr_drop`` is counted in epochs, ``warmup_steps`` in optimiser steps;
     ``eval_every`` evaluates after every that many epochs (0: only at the end,
-    when a validation loader is given); ``max_seconds`` stops training once
-    that much wall time has been spent on training steps (None: no limit; the
-    interrupted epoch is then evaluated and counted as the last one).
+    when a validation loader is given); ``max_seconds`` stops a call of ``fit``
+    once it has spent that much wall time on training steps (None: no limit;
+    the cut epoch is then evaluated, counted, and its record marked ``"partial": true``).
     """
 
     epochs: int = 300
@@ -66,7 +67,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         for name in ("lr", "lr_backbone", "weight_decay", "lr_gamma", "clip_max_norm"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive or None, got {self.max_seconds!r}")
@@ -89,6 +90,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule: linear warm-up over ``warmup_steps``, then x ``lr_gamma`` every ``lr_drop`` epochs."""
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
     warmup, drop_steps, gamma = config.warmup_steps, config.lr_drop * steps_per_epoch, config.lr_gamma
 
     def factor(step: int) -> float:
@@ -114,9 +117,14 @@ class Trainer:
             (see :func:`detr_tutorial.evaluation.evaluate_model`).
         device: where to train.
         out_dir: if set, ``checkpoint.pth`` and ``metrics.jsonl`` (one JSON
-            record per epoch) are written there.
+            record per epoch) are written there after every epoch. A folder that
+            already holds another run is refused (resume it with
+            :meth:`load_checkpoint`, or delete its files).
         callbacks: ``callback(trainer, record)`` after each epoch's record.
         progress: show tqdm progress bars.
+        run: what else defines the run (e.g. model name and data settings, as
+            :func:`detr_tutorial.presets.make_trainer` passes); stored in the
+            checkpoint, and a resumed run must match it.
 
     After :meth:`fit`, ``step_log`` holds one dict per step (``step``,
     ``epoch``, ``loss``, ``lr`` and every loss term) and ``epoch_log`` one per
@@ -127,9 +135,13 @@ class Trainer:
                  val_loader: Optional[Iterable] = None, postprocess: Optional[Callable] = None,
                  classes: Optional[Sequence[str]] = None, device: torch.device | str = "cpu",
                  out_dir: Optional[str | Path] = None, callbacks: Sequence[Callable] = (),
-                 progress: bool = True) -> None:
+                 progress: bool = True, run: Optional[dict] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not hasattr(train_loader, "__len__"):
+            raise TypeError(f"train_loader must have a len (a DataLoader), got {type(train_loader).__name__}")
         if not hasattr(criterion, "weight_dict"):
             raise TypeError("criterion must have a weight_dict attribute (loss name -> weight)")
         if val_loader is not None and postprocess is None:
@@ -139,7 +151,7 @@ class Trainer:
         self.device = torch.device(device)
         self.model, self.criterion = model.to(self.device), criterion.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.postprocess, self.classes, self.config = postprocess, classes, config
+        self.postprocess, self.classes, self.config, self.run = postprocess, classes, config, run
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.callbacks, self.progress = list(callbacks), progress
         self.optimizer = build_optimizer(model, config)
@@ -147,27 +159,47 @@ class Trainer:
         self.epoch, self.step, self.train_seconds = 0, 0, 0.0
         self.step_log: list[dict] = []
         self.epoch_log: list[dict] = []
+        self.continues: Optional[Path] = None  # the checkpoint this run was loaded from or fit() wrote
+        self._budget_start = 0.0  # train_seconds when the current fit began (max_seconds counts from there)
 
     def train_step(self, images: Tensor, mask: Tensor, targets: Sequence[dict]) -> dict[str, float]:
-        """One optimiser step; returns the step's log record."""
-        outputs = self.model(images.to(self.device), mask.to(self.device))
+        """One optimiser step; returns the step's log record. Stops with :class:`NonFiniteLossError`
+        before the step if the outputs, the loss or the gradient norm are NaN or infinite."""
+        outputs = self._forward(images, mask)
         loss_dict = self.criterion(outputs, _to(targets, self.device))
         weights = self.criterion.weight_dict
         loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
         if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step} (epoch {self.epoch}); "
-                                     f"loss terms: {terms}")
+            self._diverged(f"loss is {loss.item()}", loss_dict)
         self.optimizer.zero_grad()
         loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(grad_norm):
+            self._diverged(f"gradient norm is {grad_norm.item()}", loss_dict)
         if self.config.clip_max_norm > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_max_norm)
+            nn.utils.clip_grads_with_norm_(params, self.config.clip_max_norm, grad_norm)
         record = {"step": self.step, "epoch": self.epoch, "loss": loss.item(),
                   "lr": self.optimizer.param_groups[0]["lr"], **{k: v.item() for k, v in loss_dict.items()}}
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return record
+
+    def _forward(self, images: Tensor, mask: Tensor) -> dict:
+        try:
+            outputs = self.model(images.to(self.device), mask.to(self.device))
+        except ValueError as error:  # the library's own checks on non-finite activations
+            if "finite" not in str(error):
+                raise
+            self._diverged(f"the forward pass stopped on non-finite values ({error})", None, error)
+        bad = non_finite_outputs(outputs)
+        if bad:
+            self._diverged(f"outputs are not finite: {', '.join(bad)}", None)
+        return outputs
+
+    def _diverged(self, what: str, loss_dict: Optional[dict], cause: Optional[BaseException] = None) -> None:
+        raise diverged(what, self.step, self.epoch, self.model, loss_dict, self.step_log) from cause
 
     def train_one_epoch(self) -> dict[str, float]:
         """One pass over ``train_loader`` (or until ``max_seconds``); returns the epoch's mean losses."""
@@ -182,16 +214,18 @@ class Trainer:
             start = time.perf_counter()
             records.append(self.train_step(images, mask, targets))
             self.train_seconds += time.perf_counter() - start
+            self.step_log.append(records[-1])
             bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", refresh=False)
             if self.out_of_time():
                 break
         bar.close()
-        self.step_log += records
         keys = [k for k in records[0] if k not in ("step", "epoch", "lr")]
         return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
     def out_of_time(self) -> bool:
-        return self.config.max_seconds is not None and self.train_seconds >= self.config.max_seconds
+        """Whether this call of :meth:`fit` has used up ``config.max_seconds`` of training time."""
+        return self.config.max_seconds is not None and \
+            self.train_seconds - self._budget_start >= self.config.max_seconds
 
     def evaluate(self) -> dict[str, float]:
         """COCO metrics on ``val_loader``."""
@@ -202,49 +236,82 @@ class Trainer:
     def fit(self) -> list[dict]:
         """Train until ``config.epochs`` epochs (or ``max_seconds``); returns ``epoch_log``."""
         cfg = self.config
-        for _ in tqdm(range(self.epoch, cfg.epochs), desc="training", disable=not self.progress,
-                      initial=self.epoch, total=cfg.epochs):
-            record = {"epoch": self.epoch, **self.train_one_epoch()}
-            self.epoch += 1
-            last = self.epoch == cfg.epochs or self.out_of_time()
-            record.update(step=self.step, train_seconds=round(self.train_seconds, 3))
-            if self.val_loader is not None and ((cfg.eval_every and self.epoch % cfg.eval_every == 0) or last):
-                record.update(self.evaluate())
-            self.epoch_log.append(record)
-            for callback in self.callbacks:
-                callback(self, record)
-            if self.out_dir is not None:
-                self._write(record)
-            if last:
-                break
+        if self.epoch > cfg.epochs:
+            raise ValueError(f"config.epochs is {cfg.epochs} but {self.epoch} epochs are already trained")
+        if self.out_dir is not None:
+            self._check_out_dir()
+        self._budget_start = self.train_seconds
+        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc="training", disable=not self.progress)
+        try:
+            while self.epoch < cfg.epochs:
+                first_step = self.step
+                record = {"epoch": self.epoch, **self.train_one_epoch()}
+                self.epoch += 1
+                record.update(step=self.step, train_seconds=round(self.train_seconds, 3))
+                if self.step - first_step < len(self.train_loader):
+                    record["partial"] = True  # cut by max_seconds
+                stop = self.epoch == cfg.epochs or self.out_of_time()
+                if self.val_loader is not None and ((cfg.eval_every and self.epoch % cfg.eval_every == 0) or stop):
+                    record.update(self.evaluate())
+                self.epoch_log.append(record)
+                for callback in self.callbacks:
+                    callback(self, record)
+                if self.out_dir is not None:
+                    self._write()
+                bar.update()
+                if stop:
+                    break
+        finally:
+            bar.close()
         return self.epoch_log
 
-    def _write(self, record: dict) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        self.save_checkpoint(self.out_dir / "checkpoint.pth")
+    def _check_out_dir(self) -> None:
+        """Refuse an ``out_dir`` holding another run: writing there would overwrite its checkpoint."""
+        ours = self.out_dir / CHECKPOINT
+        found = [name for name in (CHECKPOINT, METRICS) if (self.out_dir / name).exists()]
+        if found and not (self.continues is not None and ours.exists() and os.path.samefile(ours, self.continues)):
+            raise FileExistsError(f"{self.out_dir} already holds a training run ({', '.join(found)}); continue it "
+                                  f"with trainer.load_checkpoint({str(ours)!r}) before fit(), or choose another "
+                                  f"out_dir, or delete those files to start over")
+
+    def _write(self) -> None:
+        """The checkpoint first, then the records rewritten from its ``epoch_log`` (never ahead of it)."""
+        self.save_checkpoint(self.out_dir / CHECKPOINT)
+        self.continues = self.out_dir / CHECKPOINT
+        write_jsonl(self.out_dir / METRICS, self.epoch_log)
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to take the same next step."""
+        """Everything a resumed run needs to take the same next step (tensors and plain values only)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "train_seconds": self.train_seconds, "config": asdict(self.config),
-                "step_log": self.step_log, "epoch_log": self.epoch_log,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "train_seconds": self.train_seconds, "config": asdict(self.config), "run": self.run,
+                "steps_per_epoch": len(self.train_loader), "step_log": self.step_log, "epoch_log": self.epoch_log,
+                "rng": get_rng_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping, source: str = "the state dict") -> None:
+        """Restore :meth:`state_dict`'s output. Everything is checked first; on an error nothing changes.
+
+        Raises:
+            ValueError: an entry is missing or malformed (``source`` names where the state came from).
+            CheckpointMismatchError: the model's keys or shapes differ.
+            ResumeMismatchError: the checkpoint's settings differ from this run's (see
+                :func:`detr_tutorial.run_dir.resume_conflicts`).
+        """
+        check_training_state(state, self.optimizer, asdict(self.config), self.run, len(self.train_loader), source)
+        check_state_dict(self.model, state["model"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.train_seconds = state["epoch"], state["step"], state["train_seconds"]
         self.step_log, self.epoch_log = list(state["step_log"]), list(state["epoch_log"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        self._budget_start = self.train_seconds
+        set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | Path) -> None:
-        torch.save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` atomically (an interrupt leaves the previous file intact)."""
+        save_checkpoint(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        """Continue from a checkpoint that :meth:`save_checkpoint` wrote (loaded with ``weights_only=True``)."""
+        self.load_state_dict(read_training_checkpoint(path, map_location=self.device), source=str(path))
+        self.continues = Path(path)

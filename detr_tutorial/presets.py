@@ -1,54 +1,30 @@
 """Named training configurations: one source of truth for the book, the CLI and the benchmark.
 
-A :class:`Preset` fixes the data (synthetic shapes, train and validation
-seeds), the batch size, the optimisation (:class:`~detr_tutorial.engine.TrainConfig`)
-and, per model name, the keyword arguments of that model's builder.
-
-``MODELS`` maps a model name to a builder
-``build(num_classes, **kwargs) -> (model, criterion, postprocess)``; another
-architecture registers itself with one line::
-
-    MODELS["deformable_detr"] = build_deformable_detr_training
-
-and adds its keyword arguments to the presets it supports
-(``PRESETS[name].models["deformable_detr"] = {...}``).
+A :class:`Preset` is a row of settings: the data (:class:`~detr_tutorial.data.DataConfig`), the
+batch size, the optimisation (:class:`~detr_tutorial.engine.TrainConfig`) and, per model name, the
+keyword arguments of that model's builder. What a model trains with (criterion, matcher,
+post-processing) is its recipe in :mod:`detr_tutorial.recipes`; ``MODELS`` is that table. A new
+architecture adds its recipe there and its keyword arguments to the presets it supports
+(``PRESETS[name].models["dab_detr"] = {...}``).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import ShapesDataset, collate_fn
+from .data import DataConfig, shapes_loaders
 from .engine import TrainConfig, Trainer
-from .losses import SetCriterion
-from .matcher import HungarianMatcher
-from .models import build_deformable_detr, build_detr
-from .postprocess import PostProcess, PostProcessTopK
+from .recipes import RECIPES, build_deformable_detr_training, build_detr_training
 
 __all__ = ["MODELS", "PRESETS", "DataConfig", "Preset", "build_deformable_detr_training", "build_detr_training",
-           "build_loaders", "get_preset",
-           "make_trainer"]
+           "build_loaders", "describe_run", "get_preset", "make_trainer"]
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Synthetic shapes: ``num_train`` images with seed ``train_seed``, a held-out
-    validation split of ``num_val`` images with its own ``val_seed``; ``object_size`` is the
-    (min, max) side of a shape as a fraction of ``image_size``."""
-
-    num_train: int = 4000
-    num_val: int = 500
-    image_size: int = 64
-    max_objects: int = 4
-    train_seed: int = 0
-    val_seed: int = 1
-    object_size: tuple[float, float] = (0.15, 0.5)
+#: model name -> ``build(num_classes, **kwargs) -> (model, criterion, postprocess)`` (see :mod:`detr_tutorial.recipes`).
+MODELS = RECIPES
 
 
 @dataclass(frozen=True)
@@ -61,50 +37,6 @@ class Preset:
     train: TrainConfig
     models: dict[str, dict] = field(default_factory=dict)
 
-
-def build_detr_training(num_classes: int, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
-                        eos_coef: float = 0.1, **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
-    """DETR, its criterion (official weights, auxiliary losses for every decoder layer) and ``PostProcess``.
-
-    All use the softmax convention (``num_classes + 1`` logits, the last "no object")
-    and the same ``num_classes``. ``model_kwargs`` go to :func:`detr_tutorial.models.build_detr`.
-    """
-    model = build_detr(num_classes=num_classes, **model_kwargs)
-    weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
-    weight_dict = dict(weights)
-    for i in range(model.transformer.decoder.num_layers - 1 if model.aux_loss else 0):
-        weight_dict.update({f"{k}_{i}": v for k, v in weights.items()})
-    matcher = HungarianMatcher(num_classes=num_classes, cost_class=cost_class, cost_bbox=cost_bbox,
-                               cost_giou=cost_giou)
-    criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef, ["labels", "boxes", "cardinality"])
-    return model, criterion, PostProcess(num_classes)
-
-
-def build_deformable_detr_training(num_classes: int, cost_class: float = 2, cost_bbox: float = 5,
-                                   cost_giou: float = 2, focal_alpha: float = 0.25,
-                                   **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
-    """Deformable DETR, its sigmoid-focal criterion (official coefficients 2 / 5 / 2, auxiliary and,
-    with two-stage, encoder losses) and ``PostProcessTopK``.
-
-    All use the sigmoid/focal convention (``num_classes`` logits, no "no object")
-    and the same ``num_classes``. ``model_kwargs`` go to :func:`detr_tutorial.models.build_deformable_detr`.
-    """
-    model = build_deformable_detr(num_classes=num_classes, **model_kwargs)
-    weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
-    weight_dict = dict(weights)
-    suffixes = [f"_{i}" for i in range(model.transformer.decoder.num_layers - 1 if model.aux_loss else 0)]
-    for suffix in suffixes + (["_enc"] if model.two_stage else []):
-        weight_dict.update({k + suffix: v for k, v in weights.items()})
-    matcher = HungarianMatcher(num_classes=num_classes, cost_class=cost_class, cost_bbox=cost_bbox,
-                               cost_giou=cost_giou, focal_alpha=focal_alpha)
-    criterion = SetCriterion(num_classes, matcher, weight_dict, 0.1, ["labels", "boxes", "cardinality"],
-                             focal_alpha=focal_alpha)
-    return model, criterion, PostProcessTopK(num_classes)
-
-
-#: model name -> ``build(num_classes, **kwargs) -> (model, criterion, postprocess)``.
-MODELS: dict[str, Callable[..., tuple[nn.Module, nn.Module, Callable]]] = {"detr": build_detr_training}
-MODELS["deformable_detr"] = build_deformable_detr_training
 
 _SMALL_DETR = dict(backbone="small", small_widths=(16, 32, 64), small_strides=(2, 2, 2), hidden_dim=64, nheads=4,
                    enc_layers=2, dec_layers=3, dim_feedforward=128, num_queries=8, dropout=0.0)
@@ -153,43 +85,41 @@ PRESETS["race_long"] = dataclasses.replace(
     train=dataclasses.replace(PRESETS["race"].train, epochs=48, lr_drop=36))
 
 
+# Conditional DETR and DAB-DETR change only the decoder queries: they train at DETR's sizes on DETR's backbone, in
+# every preset (chapters 14 and 15). ``race_long`` shares ``race``'s table, so it gets them too.
+for _preset in PRESETS.values():
+    for _name in ("conditional_detr", "dab_detr"):
+        _preset.models.setdefault(_name, dict(_preset.models["detr"]))
+
 def get_preset(name: str, data: Optional[dict] = None, **train_overrides) -> Preset:
     """``PRESETS[name]`` with ``DataConfig`` fields replaced by ``data`` (e.g. ``{"image_size": 128}``)
     and ``TrainConfig`` fields by ``train_overrides`` (e.g. ``epochs=3``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
-    unknown = set(data or {}) - {f.name for f in dataclasses.fields(DataConfig)}
-    if unknown:
-        raise ValueError(f"data overrides {sorted(unknown)} are not DataConfig fields; "
-                         f"choose from {[f.name for f in dataclasses.fields(DataConfig)]}")
+    for given, config in ((data or {}, DataConfig), (train_overrides, TrainConfig)):
+        fields = [f.name for f in dataclasses.fields(config)]
+        unknown = set(given) - set(fields)
+        if unknown:
+            raise ValueError(f"overrides {sorted(unknown)} are not {config.__name__} fields; choose from {fields}")
     return dataclasses.replace(preset, data=dataclasses.replace(preset.data, **(data or {})),
                                train=dataclasses.replace(preset.train, **train_overrides))
 
 
 def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ...]]:
-    """Render the preset's train and validation images once, in memory -> ``(train, val, classes)``.
-
-    The train loader shuffles with the global torch RNG (seed it first; the
-    engine's checkpoints save it) and drops the last incomplete batch. The
-    validation loader has a private generator: a DataLoader draws a seed each
-    time it is iterated, and evaluating must not shift the training shuffle.
-    """
-    d = preset.data
-    splits = [ShapesDataset(n, image_size=d.image_size, max_objects=d.max_objects, object_size=d.object_size,
-                            seed=seed)
-              for n, seed in ((d.num_train, d.train_seed), (d.num_val, d.val_seed))]
-    train, val = ([ds[i] for i in range(len(ds))] for ds in splits)
-    train_loader = DataLoader(train, batch_size=preset.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=collate_fn)
-    val_loader = DataLoader(val, batch_size=100, collate_fn=collate_fn, generator=torch.Generator())
-    return train_loader, val_loader, splits[0].classes
+    """The preset's shapes data as ``(train, val, classes)`` loaders (see :func:`detr_tutorial.data.shapes_loaders`)."""
+    _check_preset(preset)
+    return shapes_loaders(preset.data, preset.batch_size)
 
 
 def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu", out_dir: Optional[str | Path] = None,
                  progress: bool = True, callbacks: tuple = ()) -> Trainer:
-    """Data, model, criterion, post-processing and :class:`Trainer` for ``preset`` and ``model``."""
+    """Data, model, criterion, post-processing and :class:`Trainer` for ``preset`` and ``model``.
+
+    The trainer's checkpoints record :func:`describe_run` (model name, data,
+    batch size, model settings); resuming with other settings is refused."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    _check_preset(preset)
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
     if model not in preset.models:
@@ -197,4 +127,16 @@ def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu",
     train_loader, val_loader, classes = build_loaders(preset)
     net, criterion, postprocess = MODELS[model](len(classes), **preset.models[model])
     return Trainer(net, criterion, train_loader, preset.train, val_loader=val_loader, postprocess=postprocess,
-                   classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress)
+                   classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress,
+                   run=describe_run(preset, model))
+
+
+def _check_preset(preset: object) -> None:
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a Preset or a preset name, got {type(preset).__name__}")
+
+
+def describe_run(preset: Preset, model: str) -> dict:
+    """What a run's checkpoint records besides the optimisation: model name, data, batch size, model settings."""
+    return {"model": model, "data": dataclasses.asdict(preset.data), "batch_size": preset.batch_size,
+            "model_kwargs": dict(preset.models[model])}

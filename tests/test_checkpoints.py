@@ -6,6 +6,7 @@ import torch
 
 from detr_tutorial.checkpoints import CheckpointMismatchError, load_official_detr
 from detr_tutorial.models import build_detr
+from detr_tutorial.run_dir import CheckpointError
 
 VECTORS = Path(__file__).parent / "data" / "official_vectors.pt"
 
@@ -31,7 +32,7 @@ def randomise_frozen_bn(state_dict, seed=1):
 
 def test_official_layout_round_trip():
     """A state dict with exactly the official R50 keys and shapes loads, and every tensor lands."""
-    layout = torch.load(VECTORS, weights_only=False)["detr_r50_state_dict_keys"]
+    layout = torch.load(VECTORS, weights_only=True)["detr_r50_state_dict_keys"]
     fake = {k: torch.full(shape, float(i)) for i, (k, shape) in enumerate(layout)}  # tensor i holds i
     model = build_detr()
     assert load_official_detr(model, {"model": fake, "epoch": 499}) is model
@@ -51,12 +52,12 @@ def test_loaded_model_reproduces_the_source_model():
         assert not torch.allclose(target(images, mask)["pred_boxes"], expected["pred_boxes"])
         load_official_detr(target, source.state_dict())
         got = target(images, mask)
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
+    for key in ("pred_logits", "pred_boxes"):  # the same weights and operations: the same numbers
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0)
 
 
 def test_transformer_vectors_load_through_the_model():
-    vec = torch.load(VECTORS, weights_only=False)["transformer"]
+    vec = torch.load(VECTORS, weights_only=True)["transformer"]
     kw = vec["kwargs"]
     model = small(0, hidden_dim=kw["d_model"], nheads=kw["nhead"], enc_layers=kw["num_encoder_layers"],
                   dec_layers=kw["num_decoder_layers"], dim_feedforward=kw["dim_feedforward"], dropout=0.0)
@@ -84,6 +85,30 @@ def test_mismatches_are_listed_and_nothing_is_loaded():
     assert "num_classes=9" in message
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert isinstance(info.value, ValueError)
+
+
+def test_a_value_that_is_not_a_tensor_is_reported_and_nothing_is_loaded():
+    model = small(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = small(1).state_dict()
+    state["query_embed.weight"] = state["query_embed.weight"].tolist()
+    with pytest.raises(CheckpointMismatchError, match=r"query_embed\.weight: checkpoint holds a list, expected a "
+                                                      r"tensor of shape \(5, 32\)"):
+        load_official_detr(model, state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_file_is_loaded_weights_only(tmp_path):
+    source, target = small(0), small(1)
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "release.pth")
+    load_official_detr(target, tmp_path / "release.pth")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    torch.save({"model": source.state_dict(), "args": Path("not/a/tensor")}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match=r"pickled\.pth holds Python objects .* weights-only"):
+        load_official_detr(target, str(tmp_path / "pickled.pth"))
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "release.pth").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cut\.pth \(1000 bytes\) cannot be read .* truncated or corrupt"):
+        load_official_detr(target, tmp_path / "cut.pth")
 
 
 def test_backbone_mismatch_hint():

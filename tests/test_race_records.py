@@ -7,10 +7,12 @@ test fails: rerun the commands printed in the chapter and copy the two files aga
 """
 import dataclasses
 import json
+import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from detr_tutorial import presets, train
 
@@ -22,11 +24,32 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _settings(preset: dict) -> dict:
-    """What a run did: everything but the description. A data field added after a record was
+def _settings(preset: dict, model: str) -> dict:
+    """What a run of ``model`` did: everything but the description and the other models' settings (models
+    that join a preset later do not change what an earlier run did). A data field added after a record was
     written is absent from it, and must then still have the default that reproduces the old code."""
     data = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(presets.DataConfig)}
-    return {**{k: v for k, v in preset.items() if k != "description"}, "data": {**data, **preset["data"]}}
+    return {**{k: v for k, v in preset.items() if k not in ("description", "models")},
+            "data": {**data, **preset["data"]}, "model": preset["models"][model]}
+
+
+def _check_provenance(record: dict) -> None:
+    """Records written since the CLI records the outcome ("status") also carry the code version; older
+    records have neither and are accepted as they are."""
+    if "status" not in record:
+        assert "code" not in record
+        return
+    code = record["code"]
+    assert code["commit"] == "unknown" or re.fullmatch("[0-9a-f]{40}", code["commit"])
+    assert code["dirty"] in ((None,) if code["commit"] == "unknown" else (True, False))
+
+
+def test_new_records_carry_the_code_version(tmp_path):
+    record = train.record_command(tmp_path, ["--preset", "race"], presets.get_preset("race"), "detr",
+                                  torch.device("cpu"))
+    assert record["status"] == "running" and "code" in record
+    _check_provenance(record)
+    assert train.finish_command(tmp_path, "finished")["status"] == "finished"
 
 
 def test_every_setting_has_both_models():
@@ -47,8 +70,10 @@ def test_recorded_run_matches_todays_command(run):
         data["object_size"] = tuple(args.object_size)
     assert run.name == Path(args.out).name and run.name.startswith(SHORT[args.model] + "_")
     preset = presets.get_preset(args.preset, data=data)
-    today = _settings(json.loads(json.dumps(dataclasses.asdict(preset))))
+    today = _settings(json.loads(json.dumps(dataclasses.asdict(preset))), args.model)
     for record in commands:  # every invocation (first run and resumes) used today's settings
-        assert _settings(record["preset"]) == today
+        assert _settings(record["preset"], args.model) == today
+        _check_provenance(record)
+    assert commands[-1].get("status", "finished") == "finished"  # the last invocation completed the run
     assert [r["epoch"] for r in metrics] == list(range(preset.train.epochs))
     assert all("AP50" in r for r in metrics)

@@ -1,0 +1,98 @@
+"""Training recipes: each model with the criterion, matcher and post-processing its official code trains with.
+
+``RECIPES`` maps a model name to ``build(num_classes, **model_kwargs) -> (model, criterion, postprocess)``;
+:mod:`detr_tutorial.presets` holds the settings (data, schedule, model sizes) and looks models up here.
+Two logits conventions exist in the family and each recipe wires one of them throughout:
+
+- softmax (DETR): ``num_classes + 1`` logits, the last one "no object"; :class:`PostProcess`;
+- sigmoid/focal (Deformable DETR and every later model): ``num_classes`` logits; :class:`PostProcessTopK`.
+
+The successors of DETR differ from Deformable DETR's recipe only in their coefficients and in how many
+detections they keep, so they share :func:`focal_training`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .losses import SetCriterion
+from .matcher import HungarianMatcher
+from .models import build_conditional_detr, build_dab_detr, build_deformable_detr, build_detr
+from .postprocess import PostProcess, PostProcessTopK
+
+__all__ = ["RECIPES", "build_conditional_detr_training", "build_dab_detr_training",
+           "build_deformable_detr_training", "build_detr_training", "focal_training", "loss_weights"]
+
+
+def loss_weights(weights: dict[str, float], num_aux: int, encoder: bool = False) -> dict[str, float]:
+    """``weights`` for the last decoder layer, repeated with suffix ``_i`` for the ``num_aux`` earlier layers
+    and ``_enc`` for a two-stage encoder's proposals (the official key names)."""
+    suffixes = [""] + [f"_{i}" for i in range(num_aux)] + (["_enc"] if encoder else [])
+    return {k + suffix: v for suffix in suffixes for k, v in weights.items()}
+
+
+def _num_aux(model: nn.Module) -> int:
+    return model.transformer.decoder.num_layers - 1 if model.aux_loss else 0
+
+
+def build_detr_training(num_classes: int, cost_class: float = 1, cost_bbox: float = 5, cost_giou: float = 2,
+                        eos_coef: float = 0.1, **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
+    """DETR, its criterion (official weights, auxiliary losses for every decoder layer) and ``PostProcess``.
+
+    All use the softmax convention and the same ``num_classes``.
+    ``model_kwargs`` go to :func:`detr_tutorial.models.build_detr`.
+    """
+    model = build_detr(num_classes=num_classes, **model_kwargs)
+    weights = {"loss_ce": cost_class, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
+    matcher = HungarianMatcher(num_classes=num_classes, cost_class=cost_class, cost_bbox=cost_bbox,
+                               cost_giou=cost_giou)
+    criterion = SetCriterion(num_classes, matcher, loss_weights(weights, _num_aux(model)), eos_coef,
+                             ["labels", "boxes", "cardinality"])
+    return model, criterion, PostProcess(num_classes)
+
+
+def focal_training(model: nn.Module, num_classes: int, cost_class: float = 2, cost_bbox: float = 5,
+                   cost_giou: float = 2, cls_loss_coef: float = 2, focal_alpha: float = 0.25,
+                   num_select: int = 100, encoder: bool = False) -> tuple[nn.Module, nn.Module, Callable]:
+    """``model`` with a sigmoid-focal matcher (costs ``cost_*``) and criterion (class weight ``cls_loss_coef``,
+    box weights ``cost_bbox`` / ``cost_giou``, as every official successor of DETR sets them), auxiliary losses
+    for every decoder layer (and ``_enc`` ones when ``encoder``), and ``PostProcessTopK(k=num_select)``."""
+    weights = {"loss_ce": cls_loss_coef, "loss_bbox": cost_bbox, "loss_giou": cost_giou}
+    matcher = HungarianMatcher(num_classes=num_classes, cost_class=cost_class, cost_bbox=cost_bbox,
+                               cost_giou=cost_giou, focal_alpha=focal_alpha)
+    criterion = SetCriterion(num_classes, matcher, loss_weights(weights, _num_aux(model), encoder), 0.1,
+                             ["labels", "boxes", "cardinality"], focal_alpha=focal_alpha)
+    return model, criterion, PostProcessTopK(num_classes, k=num_select)
+
+
+def build_deformable_detr_training(num_classes: int, cost_class: float = 2, cost_bbox: float = 5,
+                                   cost_giou: float = 2, focal_alpha: float = 0.25,
+                                   **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
+    """Deformable DETR with the official coefficients 2 / 5 / 2 (matcher and losses), encoder losses with
+    two-stage, top-100 detections. ``model_kwargs`` go to :func:`detr_tutorial.models.build_deformable_detr`."""
+    model = build_deformable_detr(num_classes=num_classes, **model_kwargs)
+    return focal_training(model, num_classes, cost_class, cost_bbox, cost_giou, cls_loss_coef=cost_class,
+                          focal_alpha=focal_alpha, encoder=model.two_stage)
+
+
+def build_conditional_detr_training(num_classes: int, **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
+    """Conditional DETR with its ``main.py`` coefficients (costs and losses 2 / 5 / 2, focal alpha 0.25) and
+    top-100 detections. ``model_kwargs`` go to :func:`detr_tutorial.models.build_conditional_detr`."""
+    return focal_training(build_conditional_detr(num_classes=num_classes, **model_kwargs), num_classes)
+
+
+def build_dab_detr_training(num_classes: int, **model_kwargs) -> tuple[nn.Module, nn.Module, Callable]:
+    """DAB-DETR with its ``main.py`` coefficients: matching costs 2 / 5 / 2 but class loss weight **1**,
+    top-300 detections. ``model_kwargs`` go to :func:`detr_tutorial.models.build_dab_detr`."""
+    model = build_dab_detr(num_classes=num_classes, **model_kwargs)
+    return focal_training(model, num_classes, cls_loss_coef=1, num_select=300)
+
+
+#: model name -> ``build(num_classes, **kwargs) -> (model, criterion, postprocess)``.
+RECIPES: dict[str, Callable[..., tuple[nn.Module, nn.Module, Callable]]] = {
+    "detr": build_detr_training,
+    "deformable_detr": build_deformable_detr_training,
+    "conditional_detr": build_conditional_detr_training,
+    "dab_detr": build_dab_detr_training,
+}
