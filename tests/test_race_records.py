@@ -60,9 +60,9 @@ def test_every_setting_has_detr_and_deformable_detr():
     assert all(n.split("_", 1)[0] in SHORT.values() for n in names)
 
 
-def test_conditional_and_dab_detr_ran_the_long_small_object_race():
+def test_conditional_and_dab_detr_ran_the_small_object_race():
     names = {p.name for p in RUNS}
-    assert {"conditional_128_small_long", "dab_128_small_long"} <= names
+    assert {"conditional_128_small", "dab_128_small"} <= names
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda p: p.name)
