@@ -31,7 +31,7 @@ from .raster import Camera, fill_polygon, ground_image
 __all__ = ["MULTIVIEW_CLASSES", "CameraRig", "MultiViewDataset", "multiview_collate"]
 
 MULTIVIEW_CLASSES = ("car", "truck", "pedestrian")
-# Typical (w, l, h) in metres (close to the nuScenes class means) and base colours.
+# Class-typical (w, l, h) in metres and base colours.
 CLASS_SIZES = np.array([[1.9, 4.6, 1.7], [2.5, 8.0, 3.2], [0.7, 0.7, 1.8]])
 CLASS_COLORS = np.array([[0.15, 0.30, 0.80], [0.85, 0.55, 0.10], [0.80, 0.12, 0.15]])
 SHADOW = np.array([0.18, 0.19, 0.17])
