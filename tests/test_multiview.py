@@ -136,7 +136,7 @@ def test_fill_polygon_uses_pixel_centres():
 
 def test_polygon_clipped_at_the_near_plane():
     cam = Camera(np.array([[10.0, 0, 5], [0, 10, 5], [0, 0, 1]]), np.eye(4), (10, 10))
-    # a square in the camera frame from depth -1 to 3: the part behind NEAR is cut off
+    # a square from depth -1 to 3 (camera frame = ego frame here): the part behind NEAR is cut off
     poly = cam.project_polygon(np.array([[-1.0, 1, -1], [1, 1, -1], [1, 1, 3], [-1, 1, 3]]))
     assert len(poly) == 4 and np.isfinite(poly).all()
     assert poly[:, 1].max() == pytest.approx(5 + 10 / NEAR)

@@ -175,20 +175,22 @@ class MultiViewDataset(Dataset):
         shade = 0.35 + 0.65 * np.clip(normals @ SUN, 0, None)  # (n, 6) flat (Lambert) shading
         colors = base[:, None, :] * shade[..., None]
         colors[:, 0] = colors[:, 0] * 0.5 + 0.5  # the front face is lighter: the heading shows
+        face_centres = corners[:, FACES].mean(2)  # (n, 6, 3)
         h, w = self.rig.image_size
         images = np.empty((self.rig.num_cams, h, w, 3), dtype=np.float32)
         visible = np.zeros((len(boxes), self.rig.num_cams), dtype=np.int64)
         for c, cam in enumerate(self.rig.cameras):
             image, ids = self.rig.backgrounds[c] * brightness, np.full((h, w), -1)
-            seen = [k for k in range(len(boxes)) if cam.may_see(corners[k])]
+            in_cam = cam.to_camera(corners)  # (n, 8, 3)
+            shadows = cam.to_camera(corners[:, [1, 3, 7, 5]] * [1, 1, 0] + [0, 0, 0.01])  # footprints
+            seen = np.flatnonzero(cam.may_see(in_cam))
             for k in seen:  # shadows lie on the ground, below every box
-                fill_polygon(image, ids, cam.project_polygon(corners[k, [1, 3, 7, 5]] * [1, 1, 0] + [0, 0, 0.01]),
-                             SHADOW, -1)
+                fill_polygon(image, ids, cam.project_polygon(shadows[k]), SHADOW, -1)
+            facing = ((cam.centre - face_centres) * normals).sum(-1) > 0  # (n, 6): back faces culled
             # painter's order: the box whose footprint's nearest point is farthest goes first
             for k in sorted(seen, key=lambda k: -_footprint_distance(boxes[k], cam.centre)):
-                towards = cam.centre - corners[k, FACES].mean(1)  # (6, 3)
-                for f in np.flatnonzero((towards * normals[k]).sum(-1) > 0):  # back faces culled
-                    fill_polygon(image, ids, cam.project_polygon(corners[k, FACES[f]]), colors[k, f], k)
+                for f in np.flatnonzero(facing[k]):
+                    fill_polygon(image, ids, cam.project_polygon(in_cam[k, FACES[f]]), colors[k, f], k)
             images[c] = np.clip(image, 0, 1)
             visible[:, c] = np.bincount(ids[ids >= 0], minlength=len(boxes))
         return images, visible
@@ -198,7 +200,8 @@ class MultiViewDataset(Dataset):
         images, boxes, labels, visible = self.render(index)
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
                   "visible_pixels": torch.from_numpy(visible), "scene_id": torch.tensor(index)}
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), self.rig.lidar2img.clone(), target
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # numpy: torch's strided copy was the slowest step
+        return torch.from_numpy(images), self.rig.lidar2img.clone(), target
 
     def __repr__(self) -> str:
         return (f"MultiViewDataset(num_scenes={self.num_scenes}, {self.rig!r}, "

@@ -1,6 +1,6 @@
 """A tiny painter's-algorithm rasteriser for the multi-camera world (numpy only).
 
-Convex polygons in the ego frame (box faces, shadows) are moved into a camera's frame, clipped against
+Convex polygons (box faces, shadows) are moved from the ego frame into a camera's frame, clipped against
 a near plane, projected, and filled with one flat colour each; far objects are drawn first so near ones
 cover them. The ground and the sky come from one ray cast per pixel (:func:`ground_image`), computed
 once per camera. Pixel ``(row i, column j)`` covers ``[j, j + 1) x [i, i + 1)``; it is filled when its
@@ -32,26 +32,29 @@ class Camera:
     def centre(self) -> np.ndarray:
         return self.cam2ego[:3, 3]
 
-    def may_see(self, points: np.ndarray) -> bool:
-        """False when the convex hull of ``(P, 3)`` ego-frame points surely misses the image: wholly
-        behind the near plane, or in front of it and wholly beyond one image side (a cheap cull)."""
-        cam = points @ self.ego2cam[:3, :3].T + self.ego2cam[:3, 3]
-        if (cam[:, 2] < NEAR).all():
-            return False
-        if (cam[:, 2] < NEAR).any():
-            return True
-        uv = cam[:, :2] @ self.K[:2, :2].T / cam[:, 2:3] + self.K[:2, 2]
+    def to_camera(self, points: np.ndarray) -> np.ndarray:
+        """``(..., 3)`` ego-frame points -> the same points in this camera's frame."""
+        return points @ self.ego2cam[:3, :3].T + self.ego2cam[:3, 3]
+
+    def may_see(self, points: np.ndarray) -> np.ndarray:
+        """``(..., P, 3)`` camera-frame point sets -> ``(...)`` bool: False when a set's convex hull surely
+        misses the image (wholly behind the near plane, or wholly beyond one image side), a cheap cull
+        before rasterising. Points behind the near plane are projected as if at depth NEAR: the clipped
+        hull's vertices lie on the same side of an image edge whenever these projections all do."""
+        depth = points[..., 2]
+        uv = points[..., :2] @ self.K[:2, :2].T / np.maximum(depth, NEAR)[..., None] + self.K[:2, 2]
         h, w = self.image_size
-        return not ((uv[:, 0] <= 0).all() or (uv[:, 0] >= w).all() or (uv[:, 1] <= 0).all() or (uv[:, 1] >= h).all())
+        beyond = ((uv[..., 0] <= 0).all(-1) | (uv[..., 0] >= w).all(-1) | (uv[..., 1] <= 0).all(-1)
+                  | (uv[..., 1] >= h).all(-1))
+        return (depth >= NEAR).any(-1) & ~beyond
 
     def project_polygon(self, points: np.ndarray) -> np.ndarray:
-        """``(P, 3)`` ego-frame polygon -> ``(P', 2)`` pixel polygon after clipping to depth >= NEAR
+        """``(P, 3)`` camera-frame polygon -> ``(P', 2)`` pixel polygon after clipping to depth >= NEAR
         (``P' = 0`` when it lies wholly behind the near plane)."""
-        cam = points @ self.ego2cam[:3, :3].T + self.ego2cam[:3, 3]
-        cam = _clip_near(cam)
-        if len(cam) < 3:
+        points = _clip_near(points)
+        if len(points) < 3:
             return np.zeros((0, 2))
-        uvw = cam @ self.K.T
+        uvw = points @ self.K.T
         return uvw[:, :2] / uvw[:, 2:3]
 
 
@@ -84,7 +87,7 @@ def fill_polygon(image: np.ndarray, ids: np.ndarray, poly: np.ndarray, color: np
         return
     xs = np.arange(x0, x1 + 1) + 0.5
     ys = (np.arange(y0, y1 + 1) + 0.5)[:, None]
-    a, b = poly, np.roll(poly, -1, axis=0)
+    a, b = poly, np.concatenate([poly[1:], poly[:1]])
     # cross product of each edge with the vector to the pixel centre: all one sign inside a convex polygon
     cross = ((b[:, 0] - a[:, 0])[:, None, None] * (ys - a[:, 1, None, None])
              - (b[:, 1] - a[:, 1])[:, None, None] * (xs - a[:, 0, None, None]))
