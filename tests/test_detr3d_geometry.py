@@ -140,6 +140,21 @@ def test_box_corners_by_hand():
     torch.testing.assert_close(edges, torch.tensor([4.0, 2.0, 2.0]))
 
 
+def test_feature_sampling_gradients():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(1, 1, 2, 8, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    # inside the image and off pixel centres (bilinear interpolation has kinks there)
+    pts = torch.tensor([[10.0, 2.1, 1.3], [12.0, -3.3, -0.7]], dtype=torch.float64)
+    lo, hi = torch.tensor(PC_RANGE[:3], dtype=torch.float64), torch.tensor(PC_RANGE[3:], dtype=torch.float64)
+    ref = ((pts - lo) / (hi - lo))[None].requires_grad_()
+    lidar2img = LIDAR2IMG.double()[None, None]
+
+    def sampled(f, r):
+        return feature_sampling([f], r, PC_RANGE, lidar2img, IMAGE)[1]
+
+    assert torch.autograd.gradcheck(sampled, (feat, ref))
+
+
 @given(st.lists(st.floats(-math.pi + 1e-3, math.pi), min_size=1, max_size=8),
        st.floats(0.1, 20), st.booleans())
 def test_box_code_round_trip(yaws, size, velocity):

@@ -132,7 +132,8 @@ def main() -> None:
         boxes[name] = {"boxes": b, "codes": codes, "decoded": fns.denormalize_bbox(codes, None)}
     commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True, capture_output=True,
                             text=True).stdout.strip()
-    torch.save({"commit": commit, "torch": torch.__version__, "sampling": sampling, "boxes": boxes}, out)
+    torch.save({"commit": commit, "torch": torch.__version__, "sampling": sampling, "boxes": boxes}, out + ".tmp")
+    os.replace(out + ".tmp", out)  # the old file stays until the new one is complete
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB) from detr3d {commit}")
 
 
