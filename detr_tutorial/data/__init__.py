@@ -6,3 +6,5 @@ from .shapes import CLASSES, ShapesDataset
 
 __all__ = ["CLASSES", "DataConfig", "ShapesDataset", "collate_fn", "pad_images", "save_coco_json", "shapes_loaders",
            "targets_to_coco", "to_coco"]
+from .multiview import MULTIVIEW_CLASSES, CameraRig, MultiViewDataset, multiview_collate  # noqa: E402
+__all__ += ["MULTIVIEW_CLASSES", "CameraRig", "MultiViewDataset", "multiview_collate"]

@@ -11,3 +11,4 @@ from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLay
 from .conditional_detr import ConditionalDETR, ConditionalTransformer, build_conditional_detr
 from .conditional_layers import ConditionalDecoderLayer, ProjectionFreeAttention, sine_embed_points
 from .dab_detr import DABDETR, DABTransformer, build_dab_detr
+from .detr3d_geometry import box_corners, denormalize_bbox, feature_sampling, normalize_bbox, project_points
