@@ -216,3 +216,28 @@ def test_the_configs_positional_encoding_is_used():
     cfg.positional_encoding.update(temperature=20, normalize=False)
     position = MODELS.build(cfg).detector.backbone[1]
     assert (position.temperature, position.normalize) == (20, False)
+
+
+@pytest.mark.parametrize("config, preset", [("detr/detr_shapes_cpu.py", "shapes_cpu"), ("detr/detr_tiny.py", "tiny")])
+def test_shapes_configs_follow_the_presets(config, preset):
+    from detr_tutorial.openmmlab import preset_options
+
+    cfg = Config.fromfile(config_path(config))
+    merged = Config.fromfile(config_path(config))
+    merged.merge_from_dict(preset_options(PRESETS[preset]))
+    for key in ("train_dataloader", "val_dataloader", "optim_wrapper", "train_cfg", "param_scheduler"):
+        assert merged[key] == cfg[key], key  # the config already says what the preset says
+    model, _, _ = RECIPES["detr"](3, **PRESETS[preset].models["detr"])
+    assert _count(MODELS.build(cfg.model)) == _count(model)
+
+
+def test_preset_options_schedule():
+    from detr_tutorial.openmmlab import preset_options
+    from detr_tutorial.presets import get_preset
+
+    options = preset_options(get_preset("shapes_cpu", epochs=30, lr_drop=10, warmup_steps=0, clip_max_norm=0))
+    assert options["param_scheduler"] == [dict(type="MultiStepLR", begin=0, end=30, by_epoch=True, gamma=0.1,
+                                               milestones=[10, 20])]
+    assert options["optim_wrapper.clip_grad"] is None
+    with pytest.raises(TypeError, match="preset"):
+        preset_options("shapes_cpu")

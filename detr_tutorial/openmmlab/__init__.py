@@ -10,12 +10,14 @@ from pathlib import Path
 
 from . import detectors, parts, runtime  # noqa: F401  (their register_module() calls fill the registries)
 from .detectors import Detector, SetPredictionHead
+from .from_preset import preset_options
 from .plugins import import_plugin, plugin_module_name
 from .registry import DATASETS, FUNCTIONS, HOOKS, METRICS, MODELS, SCOPE
 from .runtime import CocoAPMetric, MetricsLogHook, RenderedShapes
 
 __all__ = ["CocoAPMetric", "DATASETS", "Detector", "FUNCTIONS", "HOOKS", "METRICS", "MODELS", "MetricsLogHook",
-           "RenderedShapes", "SCOPE", "SetPredictionHead", "config_path", "import_plugin", "plugin_module_name"]
+           "RenderedShapes", "SCOPE", "SetPredictionHead", "config_path", "import_plugin", "plugin_module_name",
+           "preset_options"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

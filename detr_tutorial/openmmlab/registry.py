@@ -24,7 +24,7 @@ HOOKS = Registry("hook", parent=root.HOOKS, scope=SCOPE, locations=_LOCATIONS)
 
 # Empty children of the Runner's other registries (loops, optimizers, schedulers, ...), as mmdet/registry.py
 # declares them: with ``default_scope='detr_tutorial'`` the Runner finds mmengine's types through them.
-_OTHERS = {name: Registry(getattr(root, name).name, parent=getattr(root, name), scope=SCOPE)
+_OTHERS = {name: Registry(getattr(root, name).name, parent=getattr(root, name), scope=SCOPE, locations=_LOCATIONS)
            for name in ("RUNNERS", "RUNNER_CONSTRUCTORS", "LOOPS", "DATA_SAMPLERS", "TRANSFORMS", "MODEL_WRAPPERS",
                         "WEIGHT_INITIALIZERS", "OPTIMIZERS", "OPTIM_WRAPPERS", "OPTIM_WRAPPER_CONSTRUCTORS",
                         "PARAM_SCHEDULERS", "EVALUATOR", "TASK_UTILS", "VISUALIZERS", "VISBACKENDS",
