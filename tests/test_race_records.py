@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from detr_tutorial import presets, train
+from detr_tutorial import presets, race_records, train
 
 RUNS = sorted(p for p in (Path(__file__).parents[1] / "book" / "race_runs").iterdir() if p.is_dir())
-SHORT = {"detr": "detr", "deformable_detr": "deformable"}
+SHORT = {"detr": "detr", "deformable_detr": "deformable", "conditional_detr": "conditional", "dab_detr": "dab"}
+FOUNDING = ("detr", "deformable")  # chapter 13 races these two in every setting; chapter 16 adds the others
 
 
 def _jsonl(path):
@@ -52,10 +53,16 @@ def test_new_records_carry_the_code_version(tmp_path):
     assert train.finish_command(tmp_path, "finished")["status"] == "finished"
 
 
-def test_every_setting_has_both_models():
+def test_every_setting_has_detr_and_deformable_detr():
     names = {p.name for p in RUNS}
     settings = {n.split("_", 1)[1] for n in names}
-    assert len(settings) >= 2 and names == {f"{m}_{s}" for m in SHORT.values() for s in settings}
+    assert len(settings) >= 2 and {f"{m}_{s}" for m in FOUNDING for s in settings} <= names
+    assert all(n.split("_", 1)[0] in SHORT.values() for n in names)
+
+
+def test_conditional_and_dab_detr_ran_the_small_object_race():
+    names = {p.name for p in RUNS}
+    assert {"conditional_128_small", "dab_128_small"} <= names
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda p: p.name)
@@ -77,3 +84,36 @@ def test_recorded_run_matches_todays_command(run):
     assert commands[-1].get("status", "finished") == "finished"  # the last invocation completed the run
     assert [r["epoch"] for r in metrics] == list(range(preset.train.epochs))
     assert all("AP50" in r for r in metrics)
+
+
+def test_load_records_reads_every_recorded_run():
+    recorded = race_records.load_records(RUNS[0].parent)
+    assert sum(len(runs) for runs in recorded.values()) == len(RUNS)
+    for setting, runs in recorded.items():
+        for short, run in runs.items():
+            metrics = _jsonl(RUNS[0].parent / f"{short}_{setting}" / "metrics.jsonl")
+            assert run["AP50"].tolist() == [r["AP50"] for r in metrics]
+            assert run["steps"] == metrics[-1]["step"] and len(run["seconds"]) == len(metrics)
+
+
+def test_first_epoch_reaching_counts_from_one():
+    curve = [0.0, 0.2, 0.1, 0.5]
+    assert race_records.first_epoch_reaching(curve, 0.2) == 2
+    assert race_records.first_epoch_reaching(curve, 0.5) == 4
+    assert race_records.first_epoch_reaching(curve, 0.6) is None
+
+
+def test_bad_record_folders_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        race_records.load_records(tmp_path / "absent")
+    (tmp_path / "detr").mkdir()
+    with pytest.raises(ValueError, match="<model>_<setting>"):
+        race_records.load_records(tmp_path)
+    (tmp_path / "detr").rename(tmp_path / "detr_64")
+    with pytest.raises(FileNotFoundError, match="commands.jsonl"):
+        race_records.load_records(tmp_path)
+    (tmp_path / "detr_64" / "commands.jsonl").write_text(
+        json.dumps({"command": "c", "preset": {"data": {}, "train": {"lr_drop": 1}}}) + "\n")
+    (tmp_path / "detr_64" / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "step": 1, "train_seconds": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"epochs \[0\] were not evaluated"):
+        race_records.load_records(tmp_path)
