@@ -241,3 +241,23 @@ def test_preset_options_schedule():
     assert options["optim_wrapper.clip_grad"] is None
     with pytest.raises(TypeError, match="preset"):
         preset_options("shapes_cpu")
+
+
+@pytest.mark.parametrize("run", ["detr_shapes_live", "detr_shapes_live_seed1"])
+def test_recorded_engine_run_is_shapes_live(run):
+    """Chapter 18 compares the Runner with these recorded engine runs; they must still be the preset's runs."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from detr_tutorial.presets import get_preset
+
+    record = Path(__file__).parents[1] / "book" / "openmmlab_runs" / run
+    command = json.loads((record / "commands.jsonl").read_text().splitlines()[-1])
+    preset = get_preset("shapes_live")
+    assert command["status"] == "finished" and command["model"] == "detr"
+    assert command["preset"]["data"] == json.loads(json.dumps(dataclasses.asdict(preset.data)))
+    assert command["preset"]["train"] == json.loads(json.dumps(dataclasses.asdict(preset.train)))
+    assert command["preset"]["models"]["detr"] == json.loads(json.dumps(preset.models["detr"]))
+    epochs = [json.loads(line) for line in (record / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == preset.train.epochs and "AP50" in epochs[-1]
