@@ -30,12 +30,30 @@ from .deformable_transformer import DeformableTransformer, inverse_sigmoid
 from .detr import MLP
 from .position_encoding import PositionEmbeddingSine
 
-__all__ = ["DeformableDETR", "build_deformable_detr"]
+__all__ = ["DeformableDETR", "build_deformable_detr", "input_projection"]
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm(32, channels) as official; fewer groups when 32 does not divide ``channels``."""
     return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def input_projection(num_channels: Sequence[int], hidden: int, num_levels: int) -> nn.ModuleList:
+    """The multi-scale input projection: per backbone level (``num_channels[l]`` channels) a 1x1 conv
+    to ``hidden`` channels + GroupNorm, then ``num_levels - len(num_channels)`` extra levels, each a 3x3
+    stride-2 conv (of the last backbone map, then of the previous extra level) + GroupNorm; convs
+    Xavier-initialised with zero bias, as official. (MMDetection calls it the ``ChannelMapper`` neck.)"""
+    projections, in_ch = [], num_channels[-1]
+    for c in num_channels:
+        projections.append(nn.Sequential(nn.Conv2d(c, hidden, kernel_size=1), _group_norm(hidden)))
+    for _ in range(num_levels - len(num_channels)):
+        projections.append(nn.Sequential(nn.Conv2d(in_ch, hidden, kernel_size=3, stride=2, padding=1),
+                                         _group_norm(hidden)))
+        in_ch = hidden
+    for proj in projections:
+        nn.init.xavier_uniform_(proj[0].weight, gain=1)
+        nn.init.zeros_(proj[0].bias)
+    return nn.ModuleList(projections)
 
 
 class DeformableDETR(nn.Module):
@@ -75,22 +93,12 @@ class DeformableDETR(nn.Module):
         bbox_embed = MLP(hidden, hidden, 4, 3)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden * 2)  # position | content
-        projections, in_ch = [], backbone.num_channels[-1]
-        for c in backbone.num_channels:
-            projections.append(nn.Sequential(nn.Conv2d(c, hidden, kernel_size=1), _group_norm(hidden)))
-        for _ in range(num_feature_levels - len(backbone.num_channels)):
-            projections.append(nn.Sequential(nn.Conv2d(in_ch, hidden, kernel_size=3, stride=2, padding=1),
-                                             _group_norm(hidden)))
-            in_ch = hidden
-        self.input_proj = nn.ModuleList(projections)
+        self.input_proj = input_projection(backbone.num_channels, hidden, num_feature_levels)
 
         # initialisation: every class starts at probability 0.01; boxes start on the reference
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(bbox_embed.layers[-1].weight)
         nn.init.zeros_(bbox_embed.layers[-1].bias)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
         if with_box_refine:  # separate heads per layer; the decoder uses them to move references
             self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))

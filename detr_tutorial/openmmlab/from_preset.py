@@ -1,0 +1,46 @@
+"""A library preset as ``--cfg-options`` for the shapes configs: the same data, batch size and schedule.
+
+:func:`preset_options` turns :class:`~detr_tutorial.presets.Preset`'s :class:`~detr_tutorial.data.DataConfig`
+and :class:`~detr_tutorial.engine.TrainConfig` into the keys of ``configs/_base_/datasets/shapes_detection.py``
+and of a shapes config's optimizer and schedule, so the Runner trains what the book's engine trains:
+AdamW (``lr``, ``weight_decay``; the backbone at ``lr_backbone / lr`` times the rate), gradient clipping at
+``clip_max_norm``, a linear warm-up over ``warmup_steps`` iterations (``LinearLR`` from ``1 / warmup_steps``;
+the engine's ramp is ``(step + 1) / warmup_steps``, equal at both ends), the rate times ``lr_gamma`` every
+``lr_drop`` epochs (``MultiStepLR``), validation every ``eval_every`` epochs. The model's settings stay the
+config's own.
+"""
+from __future__ import annotations
+
+from ..presets import Preset
+
+__all__ = ["preset_options"]
+
+
+def preset_options(preset: Preset) -> dict:
+    """``{dotted key: value}`` for ``Config.merge_from_dict`` (or ``--cfg-options``) from ``preset``."""
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a Preset (detr_tutorial.presets.get_preset(name)), got {type(preset).__name__}")
+    data, train = preset.data, preset.train
+    if train.max_seconds is not None:
+        raise ValueError("preset.train.max_seconds has no Runner counterpart; use a preset without it")
+    shapes = dict(image_size=data.image_size, max_objects=data.max_objects, object_size=tuple(data.object_size))
+    schedulers = []
+    if train.warmup_steps:
+        schedulers.append(dict(type="LinearLR", start_factor=1 / train.warmup_steps, by_epoch=False, begin=0,
+                               end=train.warmup_steps))
+    schedulers.append(dict(type="MultiStepLR", begin=0, end=train.epochs, by_epoch=True, gamma=train.lr_gamma,
+                           milestones=list(range(train.lr_drop, train.epochs, train.lr_drop))))
+    return {
+        "train_dataloader.batch_size": preset.batch_size,
+        "train_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_train, seed=data.train_seed,
+                                         **shapes),
+        "val_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_val, seed=data.val_seed, **shapes),
+        "test_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_val, seed=data.val_seed, **shapes),
+        "optim_wrapper.optimizer.lr": train.lr,
+        "optim_wrapper.optimizer.weight_decay": train.weight_decay,
+        "optim_wrapper.clip_grad": dict(max_norm=train.clip_max_norm, norm_type=2) if train.clip_max_norm else None,
+        "optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult": train.lr_backbone / train.lr,
+        "train_cfg.max_epochs": train.epochs,
+        "train_cfg.val_interval": train.eval_every or train.epochs,
+        "param_scheduler": schedulers,
+    }
