@@ -50,6 +50,12 @@ def test_a_box_1p5_m_off_counts_at_2_and_4_m_only():
     assert res["ATE"]["car"] == pytest.approx(1.5, abs=1e-12)
 
 
+def test_a_distance_equal_to_the_threshold_is_a_miss():
+    box = [CAR[0] + 1.0] + CAR[1:]  # exactly 1 m off: the devkit matches only below the threshold
+    res = nuscenes_map([one([box], [0], [0.9])], [one([CAR], [0])], ["car"])
+    assert res["AP"]["car"] == pytest.approx({0.5: 0.0, 1.0: 0.0, 2.0: 1.0, 4.0: 1.0}, abs=1e-12)
+
+
 def test_half_recall_ap_and_errors_by_hand():
     # two cars, one found with a doubled size and a yaw error of 0.3 rad: recall 0.5 at precision 1.
     # calc_ap: precision at recalls 0.11..1 is 1 up to 0.5 (40 points), 0 after (50 points);
