@@ -1,6 +1,7 @@
 """nuScenes-style 3-D detection scores: hand cases, bad input, and equality with the nuScenes devkit."""
 import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
@@ -144,8 +145,10 @@ def test_noisy_predictions_follow_their_settings():
     assert n * 0.5 < kept < n * 0.5 + 20 * 3 * 2  # about half kept plus about 3 false positives a scene
 
 
-devkit = pytest.mark.skipif(importlib.util.find_spec("nuscenes") is None,
-                            reason="nuscenes-devkit is not installed (make env installs it from requirements-nodeps.txt)")
+# Skipped without the devkit, except under CI (CI=true), where `make env` installs it and its absence fails.
+devkit = pytest.mark.skipif(importlib.util.find_spec("nuscenes") is None
+                            and os.environ.get("CI", "").lower() not in {"1", "true", "yes"},
+                            reason="nuscenes-devkit is not installed: pip install --no-deps -r requirements-nodeps.txt")
 
 
 @devkit
