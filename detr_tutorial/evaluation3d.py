@@ -76,13 +76,13 @@ def _scene(item: Any, where: str, num_classes: int, scored: bool) -> dict[str, n
     return out
 
 
-def _match_errors(gt: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
-    """(ATE, ASE, AOE) of a prediction ``(7,)`` matched to a ground-truth box ``(7,)``."""
-    ate = math.sqrt((pred[0] - gt[0]) ** 2 + (pred[1] - gt[1]) ** 2)
-    inter = np.prod(np.minimum(gt[3:6], pred[3:6]))
-    ase = 1 - inter / (np.prod(gt[3:6]) + np.prod(pred[3:6]) - inter)
-    aoe = abs((gt[6] - pred[6] + math.pi) % (2 * math.pi) - math.pi)
-    return ate, float(ase), aoe
+def _match_errors(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Columns (ATE, ASE, AOE) ``(n, 3)`` of predictions ``(n, 7)`` matched to ground-truth boxes ``(n, 7)``."""
+    ate = np.sqrt((pred[:, 0] - gt[:, 0]) ** 2 + (pred[:, 1] - gt[:, 1]) ** 2)
+    inter = np.prod(np.minimum(gt[:, 3:6], pred[:, 3:6]), 1)
+    ase = 1 - inter / (np.prod(gt[:, 3:6], 1) + np.prod(pred[:, 3:6], 1) - inter)
+    aoe = np.abs((gt[:, 6] - pred[:, 6] + math.pi) % (2 * math.pi) - math.pi)
+    return np.stack([ate, ase, aoe], 1)
 
 
 def accumulate(predictions: Sequence[dict], targets: Sequence[dict], label: int, dist_th: float) -> dict[str, np.ndarray]:
@@ -94,37 +94,38 @@ def accumulate(predictions: Sequence[dict], targets: Sequence[dict], label: int,
     has no ground truth or no match).
     """
     recall = np.linspace(0, 1, NUM_RECALL_POINTS)
-    npos = sum(int((t["labels"] == label).sum()) for t in targets)
-    # (scene, box index) of every prediction of the class, in the devkit's order before ranking
-    keys = [(s, k) for s, p in enumerate(predictions) for k in np.flatnonzero(p["labels"] == label)]
-    scores = np.array([predictions[s]["scores"][k] for s, k in keys])
-    order = np.lexsort((-np.arange(len(keys)), -scores))  # descending score, ties: later first
-    gt_of_class = [np.flatnonzero(t["labels"] == label) for t in targets]
-    taken = [np.zeros(len(g), dtype=bool) for g in gt_of_class]
-    is_tp, errors, match_conf = [], [], []
+    preds = [p["boxes"][p["labels"] == label] for p in predictions]  # per scene, in the devkit's order
+    gts = [t["boxes"][t["labels"] == label] for t in targets]
+    npos = sum(len(g) for g in gts)
+    scene = np.repeat(np.arange(len(preds)), [len(p) for p in preds])  # of every prediction of the class
+    index = np.concatenate([np.arange(len(p)) for p in preds] + [np.zeros(0, dtype=int)])
+    scores = np.concatenate([p["scores"][p["labels"] == label] for p in predictions] + [np.zeros(0)])
+    order = np.lexsort((-np.arange(len(scores)), -scores))  # descending score, ties: the later one first
+    # centre distances on the ground plane, (K_s, M_s) per scene
+    dists = [np.sqrt(((p[:, None, :2] - g[None, :, :2]) ** 2).sum(-1)) for p, g in zip(preds, gts)]
+    taken = [np.zeros(len(g), dtype=bool) for g in gts]
+    matched = np.full(len(scores), -1)  # the ground-truth box each prediction takes, -1: none
     for i in order if npos else []:
-        s, k = keys[i]
-        pred, gts = predictions[s]["boxes"][k], targets[s]["boxes"][gt_of_class[s]]
-        dist = np.sqrt((gts[:, 0] - pred[0]) ** 2 + (gts[:, 1] - pred[1]) ** 2)
-        dist[taken[s]] = np.inf
-        j = int(np.argmin(dist)) if len(dist) else -1
-        is_tp.append(j >= 0 and dist[j] < dist_th)
-        if is_tp[-1]:
-            taken[s][j] = True
-            errors.append(_match_errors(gts[j], pred))
-            match_conf.append(scores[i])
-    if not errors:
+        s = scene[i]
+        if not taken[s].all():
+            dist = np.where(taken[s], np.inf, dists[s][index[i]])
+            j = int(np.argmin(dist))  # the first of equal distances, as the devkit's strict "<"
+            if dist[j] < dist_th:
+                taken[s][j], matched[i] = True, j
+    is_tp = matched[order] >= 0
+    if not is_tp.any():
         zeros, ones = np.zeros(NUM_RECALL_POINTS), np.ones(NUM_RECALL_POINTS)
         return {"recall": recall, "precision": zeros, "confidence": zeros, **{e: ones for e in TP_ERRORS}}
-    tp = np.cumsum(is_tp).astype(float)
-    fp = np.cumsum(np.logical_not(is_tp)).astype(float)
+    tp, fp = np.cumsum(is_tp).astype(float), np.cumsum(~is_tp).astype(float)
     precision = np.interp(recall, tp / npos, tp / (tp + fp), right=0)
     confidence = np.interp(recall, tp / npos, scores[order], right=0)
-    match_conf = np.array(match_conf)
+    hits = order[is_tp]  # the matches in ranked order
+    errors = _match_errors(np.stack([gts[scene[i]][matched[i]] for i in hits]),
+                           np.stack([preds[scene[i]][index[i]] for i in hits]))
     out = {"recall": recall, "precision": precision, "confidence": confidence}
-    for name, err in zip(TP_ERRORS, np.array(errors).T):
+    for name, err in zip(TP_ERRORS, errors.T):
         running_mean = np.cumsum(err) / np.arange(1, len(err) + 1)
-        out[name] = np.interp(confidence[::-1], match_conf[::-1], running_mean[::-1])[::-1]
+        out[name] = np.interp(confidence[::-1], scores[hits][::-1], running_mean[::-1])[::-1]
     return out
 
 

@@ -105,6 +105,15 @@ def test_greedy_matching_by_score_takes_the_nearest_free_ground_truth():
     assert res["AP"]["car"][2.0] == pytest.approx(1.0, abs=1e-12)
 
 
+def test_of_two_equally_near_ground_truths_the_first_is_taken():
+    # the devkit keeps the first of equal distances (strict "<" while scanning); the two cars differ
+    # only in heading, so the orientation error tells which one was taken
+    first, second = [10.0] + CAR[1:6] + [0.0], [12.0] + CAR[1:6] + [1.0]
+    pred = one([[11.0] + CAR[1:6] + [0.0]], [0], [0.9])
+    assert nuscenes_map([pred], [one([first, second], [0, 0])], ["car"])["AOE"]["car"] == 0.0
+    assert nuscenes_map([pred], [one([second, first], [0, 0])], ["car"])["AOE"]["car"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("bad, error, match", [
     ({"boxes": [[float("nan")] + CAR[1:]]}, ValueError, "finite"),
     ({"boxes": [CAR[:6]]}, ValueError, r"\(K, 7\)"),
