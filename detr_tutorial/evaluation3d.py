@@ -54,7 +54,8 @@ def _scene(item: Any, where: str, num_classes: int, scored: bool) -> dict[str, n
     keys = ("boxes", "labels", "scores") if scored else ("boxes", "labels")
     if not isinstance(item, Mapping) or any(k not in item for k in keys):
         raise TypeError(f"{where} must be a dict with keys {keys}, got {item!r:.80}")
-    boxes, labels = _array(item["boxes"], f"{where}['boxes']", np.float64), _array(item["labels"], f"{where}['labels']", np.int64)
+    boxes = _array(item["boxes"], f"{where}['boxes']", np.float64)
+    labels = _array(item["labels"], f"{where}['labels']", np.int64)
     if boxes.ndim != 2 or boxes.shape[1] != 7:
         raise ValueError(f"{where}['boxes'] must have shape (K, 7) (x, y, z, w, l, h, yaw), got {tuple(boxes.shape)}")
     if labels.shape != (len(boxes),):
@@ -85,7 +86,8 @@ def _match_errors(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return np.stack([ate, ase, aoe], 1)
 
 
-def accumulate(predictions: Sequence[dict], targets: Sequence[dict], label: int, dist_th: float) -> dict[str, np.ndarray]:
+def accumulate(predictions: Sequence[dict], targets: Sequence[dict], label: int,
+               dist_th: float) -> dict[str, np.ndarray]:
     """Match class ``label`` at ``dist_th`` metres and interpolate: the devkit's ``accumulate``.
 
     ``predictions``/``targets`` are checked scenes (float64 numpy, as :func:`nuscenes_map` prepares).
@@ -165,7 +167,8 @@ def nuscenes_map(predictions: Sequence[dict], targets: Sequence[dict], class_nam
     preds, gts, dist_ths = _check(predictions, targets, class_names, dist_ths, dist_th_tp)
     if not (0 <= min_recall <= 1 and 0 <= min_precision < 1):
         raise ValueError(f"need 0 <= min_recall <= 1 and 0 <= min_precision < 1, got {min_recall!r}, {min_precision!r}")
-    curves = {(name, th): accumulate(preds, gts, label, th) for label, name in enumerate(class_names) for th in dist_ths}
+    curves = {(name, th): accumulate(preds, gts, label, th)
+              for label, name in enumerate(class_names) for th in dist_ths}
     return _summary(curves, class_names, dist_ths, dist_th_tp, lambda c: calc_ap(c, min_recall, min_precision),
                     lambda c, e: calc_tp(c, e, min_recall))
 
@@ -181,7 +184,8 @@ def _check(predictions: Sequence[dict], targets: Sequence[dict], class_names: Se
     if not isinstance(predictions, Sequence) or not isinstance(targets, Sequence):
         raise TypeError("predictions and targets must be lists with one dict per scene")
     if len(predictions) != len(targets):
-        raise ValueError(f"predictions and targets must have one entry per scene, got {len(predictions)} and {len(targets)}")
+        raise ValueError("predictions and targets must have one entry per scene, "
+                         f"got {len(predictions)} and {len(targets)}")
     preds = [_scene(p, f"predictions[{i}]", len(class_names), True) for i, p in enumerate(predictions)]
     gts = [_scene(t, f"targets[{i}]", len(class_names), False) for i, t in enumerate(targets)]
     return preds, gts, dist_ths
