@@ -42,7 +42,6 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import write_png
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms.v2 import functional as F
 
@@ -244,5 +243,5 @@ def export_coco_folder(dataset: Dataset, images: Pathish, annotations: Pathish) 
     for index in range(len(dataset)):
         image, target = dataset[index]
         pixels = (image * 255).round().clamp(0, 255).to(torch.uint8)
-        write_png(pixels, str(folder / f"{int(target['image_id']):06d}.png"))
+        F.to_pil_image(pixels).save(folder / f"{int(target['image_id']):06d}.png")
     save_coco_json(dataset, annotations)
