@@ -151,6 +151,15 @@ def test_scaled_sizes_are_the_official_ones_at_800():
     official = scaled_sizes(800)
     assert official == {"scales": (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), "max_size": 1333,
                         "crop_resize": (400, 500, 600), "crop": (384, 600)}
+    train, val = coco_transforms(True, 800).transforms, coco_transforms(False, 800).transforms
+    assert [type(t).__name__ for t in train] == ["RandomHorizontalFlip", "RandomChoice", "SanitizeBoundingBoxes"]
+    assert train[0].p == 0.5 and train[1].p == [0.5, 0.5]
+    plain, cropped = train[1].transforms
+    assert (plain.min_size, plain.max_size) == (list(official["scales"]), 1333)
+    assert [type(t).__name__ for t in cropped.transforms] == ["RandomShortestSize", "RandomSizeCrop", "RandomShortestSize"]
+    assert cropped.transforms[0].min_size == [400, 500, 600] and cropped.transforms[2] is plain
+    assert (cropped.transforms[1].min_size, cropped.transforms[1].max_size) == (384, 600)
+    assert len(val) == 1 and (val[0].min_size, val[0].max_size) == ([800], 1333)
     small = scaled_sizes(64)
     assert small["scales"][-1] == 64 and small["scales"][0] == round(480 * 64 / 800) and small["max_size"] == 107
     for bad in ({"image_size": 4}, {"image_size": 64, "max_size": 32}, {"image_size": 64.0}):
