@@ -37,6 +37,7 @@ from .data.shapes import CLASSES as SHAPES_CLASSES
 from .models import build_detr
 from .presets import MODELS
 from .run_dir import CHECKPOINT, TRAINING_KEYS, CheckpointError, read_weights
+from .train import resolve_device
 
 __all__ = ["COCO_CLASSES", "Predictor", "load_predictor", "main", "read_image"]
 
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.7, help="lowest score shown (default: 0.7)")
     p.add_argument("--model", default=None, choices=sorted(MODELS), help="refuse a checkpoint of another model")
     p.add_argument("--dilation", action="store_true", help="an official DC5 release (dilated last ResNet stage)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
     return p
 
 
@@ -199,8 +200,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out is not None and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         parser.error(f"--out {args.out}: the file name must end in .png, .jpg or .jpeg")
     try:
+        device = resolve_device(args.device)
         image = read_image(args.image)
-        predictor = load_predictor(args.checkpoint, args.device, args.model, args.dilation)
+        predictor = load_predictor(args.checkpoint, device, args.model, args.dilation)
     except (ValueError, FileNotFoundError) as error:
         parser.error(f"--checkpoint: {error}" if not str(error).startswith("--") else str(error))
     detections = predictor(image, args.threshold)

@@ -40,7 +40,7 @@ __all__ = ["main", "parse_args", "record_command", "finish_command", "resolve_de
 FLAGS = {"model": "--model", "train.epochs": "--epochs", "data.image_size": "--image-size",
          "data.object_size": "--object-size"}
 FLAGS |= {f"data.{split}_{kind}": f"--coco-{split}" for split in ("train", "val") for kind in ("images", "json")}
-FLAGS |= {"data.image_size": "--image-size", "data.num_classes": "--num-classes", "data.contiguous_ids": "--contiguous-ids"}
+FLAGS |= {"data.num_classes": "--num-classes", "data.contiguous_ids": "--contiguous-ids"}
 
 
 def resolve_device(name: str) -> torch.device:

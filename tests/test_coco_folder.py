@@ -156,7 +156,8 @@ def test_scaled_sizes_are_the_official_ones_at_800():
     assert train[0].p == 0.5 and train[1].p == [0.5, 0.5]
     plain, cropped = train[1].transforms
     assert (plain.min_size, plain.max_size) == (list(official["scales"]), 1333)
-    assert [type(t).__name__ for t in cropped.transforms] == ["RandomShortestSize", "RandomSizeCrop", "RandomShortestSize"]
+    assert [type(t).__name__ for t in cropped.transforms] == ["RandomShortestSize", "RandomSizeCrop",
+                                                              "RandomShortestSize"]
     assert cropped.transforms[0].min_size == [400, 500, 600] and cropped.transforms[2] is plain
     assert (cropped.transforms[1].min_size, cropped.transforms[1].max_size) == (384, 600)
     assert len(val) == 1 and (val[0].min_size, val[0].max_size) == ([800], 1333)
@@ -176,10 +177,12 @@ def test_training_augmentation_keeps_boxes_on_the_image(folder):
         for i in range(len(ds)):
             image, target = ds[i]
             h, w = image.shape[-2:]
-            assert max(h, w) <= sizes["max_size"] and (min(h, w) in sizes["scales"] or max(h, w) >= sizes["max_size"] - 1)
+            capped = max(h, w) >= sizes["max_size"] - 1
+            assert max(h, w) <= sizes["max_size"] and (min(h, w) in sizes["scales"] or capped)
             assert target["size"].tolist() == [h, w] and len(target["labels"]) == len(target["boxes"])
             boxes = target["boxes"]
-            assert ((boxes[:, :2] - boxes[:, 2:] / 2) >= -1e-6).all() and ((boxes[:, :2] + boxes[:, 2:] / 2) <= 1 + 1e-6).all()
+            corners = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=1)
+            assert (corners >= -1e-6).all() and (corners <= 1 + 1e-6).all()
             assert (boxes[:, 2:] > 0).all()
             shapes_seen.add((h, w))
     assert len(shapes_seen) > 5  # multi-scale
@@ -227,7 +230,8 @@ def test_cli_trains_two_steps_from_a_folder(folder, tmp_path, capsys):
     assert _cli(tmp_path / "run", folder) == 0
     state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert state["step"] == 2 and state["classes"] == list(CLASSES)
-    assert state["run"]["data"]["train_json"] == str(folder / "instances.json") and state["run"]["data"]["image_size"] == 32
+    data = state["run"]["data"]
+    assert data["train_json"] == str(folder / "instances.json") and data["image_size"] == 32
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"loss", "AP", "AP50"} <= record.keys()
     with pytest.raises(SystemExit):  # resuming on other data is refused, naming the flag

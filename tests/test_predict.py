@@ -40,7 +40,8 @@ def _lines(capsys):
 
 def test_cli_prints_detections_and_draws_them(run_dir, photo, tmp_path, capsys):
     out = tmp_path / "pred.png"
-    assert predict.main(["--checkpoint", str(run_dir), "--image", str(photo), "--out", str(out), "--threshold", "0"]) == 0
+    argv = ["--checkpoint", str(run_dir), "--image", str(photo), "--out", str(out), "--threshold", "0"]
+    assert predict.main(argv) == 0
     header, rows = _lines(capsys)
     assert header.startswith(f"{len(rows)} detections with score >= 0 in {photo} (64 x 48 pixels)")
     assert len(rows) == 6  # the tiny preset's queries: DETR keeps one detection per query
@@ -131,6 +132,8 @@ def test_bad_checkpoints_are_refused_naming_the_file(run_dir, photo, tmp_path, c
     assert "weights of another architecture" in _refused(capsys, "--checkpoint", str(resnet), "--image", str(photo))
     err = _refused(capsys, "--checkpoint", str(run_dir), "--image", str(photo), "--model", "dab_detr")
     assert "holds a detr model, not a dab_detr" in err
+    assert "--device must be cpu, cuda or auto" in _refused(capsys, "--checkpoint", str(run_dir), "--image", str(photo),
+                                                            "--device", "tpu")
     assert "--threshold must be in [0, 1]" in _refused(capsys, "--checkpoint", str(run_dir), "--image", str(photo),
                                                        "--threshold", "1.5")
 

@@ -82,7 +82,8 @@ def check_coco_json(data: dict, source: str) -> None:
     sizes = {}
     for img in data["images"]:
         w, h = img.get("width"), img.get("height")
-        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 and isinstance(img.get("file_name"), str)):
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
+                and isinstance(img.get("file_name"), str)):
             raise ValueError(f"{source}: image {img.get('id')!r} needs a file_name and positive int width and "
                              f"height, got {img!r}")
         sizes[img["id"]] = (w, h)
