@@ -259,3 +259,14 @@ def test_get_coco_preset_keeps_the_model_and_optimisation(folder):
     assert presets.describe_run(preset, "detr")["data"]["val_json"] == path
     with pytest.raises(TypeError, match="CocoConfig"):
         presets.get_coco_preset("tiny", presets.PRESETS["tiny"].data)
+
+
+def test_cli_resume_on_a_folder_repeats_the_augmentation(folder, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _cli(straight, folder, "--epochs", "2")
+    _cli(split, folder)
+    _cli(split, folder, "--epochs", "2", "--resume", str(split / "checkpoint.pth"))
+    a, b = (torch.load(run / "checkpoint.pth", weights_only=True) for run in (straight, split))
+    assert a["step"] == b["step"] == 4 and a["step_log"] == b["step_log"]  # same crops, flips and shuffles
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
