@@ -17,13 +17,14 @@ int64 ``labels``, the json's ``image_id``, ``orig_size`` and ``size``.
   ``num_classes`` is K, the number of categories; ``category_ids[label]`` maps a prediction back.
 
 The library uses the official one unless asked. The trap it guards: ``num_classes`` set to the number of
-categories (80 for COCO) while the ids go up to 90; the official code then indexes past its classifier
-(a CUDA device-side assert) or, on the CPU, trains "no object" on the wrong class. Here that, and every other
-inconsistency of the json, is a ``ValueError`` naming the file when the data set is built, before training.
+categories (80 for COCO) while the ids go up to 90. In the official code a label equal to ``num_classes`` is
+then silently trained as "no object", and a larger one indexes past the classifier (a CUDA device-side assert,
+an ``IndexError`` on the CPU). Here that, and every other inconsistency of the json, is a ``ValueError`` naming
+the file when the data set is built, before training.
 
 **Checks.** Duplicate ids; an annotation whose image or category is not listed; a bbox that is not four
 finite numbers, has a negative width or height, or lies more than 1 pixel outside its image (boxes within
-1 pixel are clamped: COCO's own json has boxes that overshoot by a rounding error); an image file that is
+1 pixel are clamped to the image, as the official loader clamps every box); an image file that is
 missing, cannot be read or has another size than the json says. As in the official loader, crowd
 annotations (``iscrowd=1``) are dropped and boxes of zero width or height are skipped.
 """
