@@ -276,7 +276,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "train_seconds": self.train_seconds, "config": asdict(self.config), "run": self.run,
                 "steps_per_epoch": len(self.train_loader), "step_log": self.step_log, "epoch_log": self.epoch_log,
-                "rng": get_rng_state()}
+                "rng": get_rng_state(), "classes": None if self.classes is None else list(self.classes)}
 
     def load_state_dict(self, state: Mapping, source: str = "the state dict") -> None:
         """Restore :meth:`state_dict`'s output. Everything is checked first; on an error nothing changes.

@@ -18,11 +18,12 @@ from typing import Optional
 from torch.utils.data import DataLoader
 
 from .data import DataConfig, shapes_loaders
+from .data.coco_loaders import CocoConfig, coco_loaders
 from .engine import TrainConfig, Trainer
 from .recipes import RECIPES, build_deformable_detr_training, build_detr_training
 
 __all__ = ["MODELS", "PRESETS", "DataConfig", "Preset", "build_deformable_detr_training", "build_detr_training",
-           "build_loaders", "describe_run", "get_preset", "make_trainer"]
+           "build_loaders", "describe_run", "get_coco_preset", "get_preset", "make_trainer"]
 
 #: model name -> ``build(num_classes, **kwargs) -> (model, criterion, postprocess)`` (see :mod:`detr_tutorial.recipes`).
 MODELS = RECIPES
@@ -114,8 +115,11 @@ def get_preset(name: str, data: Optional[dict] = None, **train_overrides) -> Pre
 
 
 def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ...]]:
-    """The preset's shapes data as ``(train, val, classes)`` loaders (see :func:`detr_tutorial.data.shapes_loaders`)."""
+    """The preset's data as ``(train, val, classes)`` loaders: :func:`detr_tutorial.data.shapes_loaders`, or
+    :func:`detr_tutorial.data.coco_loaders` for a COCO folder (see :func:`get_coco_preset`)."""
     _check_preset(preset)
+    if isinstance(preset.data, CocoConfig):
+        return coco_loaders(preset.data, preset.batch_size)
     return shapes_loaders(preset.data, preset.batch_size)
 
 
@@ -149,3 +153,11 @@ def describe_run(preset: Preset, model: str) -> dict:
     run = {"model": model, "data": dataclasses.asdict(preset.data), "batch_size": preset.batch_size,
            "model_kwargs": dict(preset.models[model])}
     return json.loads(json.dumps(run, default=repr))
+
+
+def get_coco_preset(name: str, data: CocoConfig, **train_overrides) -> Preset:
+    """``PRESETS[name]`` (model sizes, batch size, optimisation with ``train_overrides``) trained on the COCO
+    folder ``data`` instead of the shapes: ``make_trainer(get_coco_preset("shapes_cpu", CocoConfig(...)))``."""
+    if not isinstance(data, CocoConfig):
+        raise TypeError(f"data must be a detr_tutorial.data.CocoConfig, got {type(data).__name__}")
+    return dataclasses.replace(get_preset(name, **train_overrides), data=data)

@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 import torch
 
 from .notebook import seed_everything
-from .presets import MODELS, PRESETS, Preset, describe_run, get_preset, make_trainer
+from .data.coco_loaders import CocoConfig
+from .presets import MODELS, PRESETS, Preset, describe_run, get_coco_preset, get_preset, make_trainer
 from .run_dir import (CHECKPOINT, COMMANDS, METRICS, CheckpointError, code_version, existing_run_files, read_jsonl,
                       read_training_checkpoint, resume_conflicts, write_jsonl)
 
@@ -38,6 +39,8 @@ __all__ = ["main", "parse_args", "record_command", "finish_command", "resolve_de
 #: the command-line argument behind each setting a checkpoint records (the rest come with ``--preset``).
 FLAGS = {"model": "--model", "train.epochs": "--epochs", "data.image_size": "--image-size",
          "data.object_size": "--object-size"}
+FLAGS |= {f"data.{split}_{kind}": f"--coco-{split}" for split in ("train", "val") for kind in ("images", "json")}
+FLAGS |= {"data.num_classes": "--num-classes", "data.contiguous_ids": "--contiguous-ids"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_positive(int, allow_zero=True), default=0, help="seed of initialisation and shuffling")
     p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for PyTorch (default: PyTorch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    coco = p.add_argument_group("your own data (COCO format), instead of the preset's shapes",
+                                "--image-size is then the shorter side at validation and the largest training "
+                                "scale (the official 800 scaled down; default: the preset's image size)")
+    coco.add_argument("--coco-train", nargs=2, metavar=("IMAGES", "JSON"), help="training image folder and json")
+    coco.add_argument("--coco-val", nargs=2, metavar=("IMAGES", "JSON"), help="validation image folder and json")
+    coco.add_argument("--num-classes", type=_positive(int), default=None,
+                      help="classes without no-object (default: the largest category id + 1)")
+    coco.add_argument("--contiguous-ids", action="store_true", help="relabel the category ids 0..K-1")
     return p
 
 
@@ -161,7 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = {k: v for k, v in (("image_size", args.image_size),
                               ("object_size", None if args.object_size is None else tuple(args.object_size)))
             if v is not None}
-    preset = get_preset(args.preset, data=data, **overrides)
+    if args.coco_train or args.coco_val or args.num_classes or args.contiguous_ids:
+        preset = _coco_preset(parser, args, overrides)
+    else:
+        preset = get_preset(args.preset, data=data, **overrides)
     refusal, checkpoint = _check_out(args), None
     if refusal is not None:
         parser.error(refusal)
@@ -188,6 +202,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if trainer.epoch_log:
         print(json.dumps(trainer.epoch_log[-1]))
     return 0
+
+
+def _coco_preset(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: dict) -> Preset:
+    """The preset's model and optimisation on the COCO folders of ``--coco-train`` and ``--coco-val``."""
+    if not (args.coco_train and args.coco_val):
+        parser.error("your own data needs both --coco-train IMAGES JSON and --coco-val IMAGES JSON")
+    if args.object_size is not None:
+        parser.error("--object-size sets the synthetic shapes; it does not apply to --coco-train data")
+    image_size = args.image_size or get_preset(args.preset).data.image_size
+    try:
+        data = CocoConfig(*args.coco_train, *args.coco_val, image_size=image_size, num_classes=args.num_classes,
+                          contiguous_ids=args.contiguous_ids)
+    except ValueError as error:
+        parser.error(str(error))
+    return get_coco_preset(args.preset, data, **overrides)
 
 
 def _train(args: argparse.Namespace, preset: Preset, device: torch.device, checkpoint: Optional[dict]):

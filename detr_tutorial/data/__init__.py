@@ -8,3 +8,8 @@ __all__ = ["CLASSES", "DataConfig", "ShapesDataset", "collate_fn", "pad_images",
            "targets_to_coco", "to_coco"]
 from .multiview import MULTIVIEW_CLASSES, CameraRig, MultiViewDataset, multiview_collate  # noqa: E402
 __all__ += ["MULTIVIEW_CLASSES", "CameraRig", "MultiViewDataset", "multiview_collate"]
+from .coco_folder import CocoFolder, check_coco_json, coco_classes, export_coco_folder  # noqa: E402
+from .coco_loaders import CocoConfig, coco_loaders  # noqa: E402
+from .coco_transforms import RandomSizeCrop, coco_transforms  # noqa: E402
+__all__ += ["CocoConfig", "CocoFolder", "RandomSizeCrop", "check_coco_json", "coco_classes", "coco_loaders",
+            "coco_transforms", "export_coco_folder"]
