@@ -135,7 +135,7 @@ def test_stored_reference_is_reproducible_from_the_clone(tmp_path):
 def test_mask_blocks_answers_and_other_groups(m, groups, nq):
     pad = 2 * m * groups
     mask = dn_attention_mask(pad, groups, nq)
-    assert mask.shape == (pad + nq, pad + nq)
+    assert mask.shape == (pad + nq, pad + nq) and mask.dtype == torch.bool
     assert mask[pad:, :pad].all() and not mask[pad:, pad:].any()  # matching -> dn blocked, matching free
     assert not mask[:pad, pad:].any()  # dn queries see every matching query
     for i in range(groups):
@@ -230,6 +230,11 @@ def test_bad_inputs(change, message):
                 num_classes=20, hidden_dim=8, label_enc=torch.nn.Embedding(21, 8))
     with pytest.raises(ValueError, match=message):
         prepare_for_cdn(**{**args, **change})
+
+
+def test_mask_rejects_a_pad_size_that_is_not_whole_groups():
+    with pytest.raises(ValueError, match="pad_size"):
+        dn_attention_mask(6, 2, 3)
 
 
 def test_bad_types():
