@@ -20,6 +20,7 @@ noised queries equal the official ones exactly.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from .matcher import check_targets
 from .models.deformable_transformer import inverse_sigmoid
 
 __all__ = ["num_dn_groups", "noise_labels", "noise_boxes", "dn_attention_mask", "prepare_for_cdn",
-           "dn_post_process", "dn_positive_indices", "dn_losses"]
+           "dn_post_process", "dn_positive_indices", "dn_losses", "dn_weight_dict"]
 
 #: DN-DETR, DAB-DETR and DINO clamp ``inverse_sigmoid`` at 1e-3 (their ``util/misc.py``), not 1e-5.
 INVERSE_SIGMOID_EPS = 1e-3
@@ -229,6 +230,20 @@ def dn_losses(criterion: SetCriterion, outputs: dict, targets: Sequence[dict[str
             terms = criterion.get_loss(loss, out, targets, indices, float(num_boxes), **kwargs)
             losses.update({k + suffix: v for k, v in terms.items()})
     return losses
+
+
+def dn_weight_dict(weight_dict: dict[str, float]) -> dict[str, float]:
+    """The weights of the :func:`dn_losses` terms: each matching term's weight under its ``_dn`` name
+    (``loss_ce`` -> ``loss_ce_dn``, ``loss_bbox_3`` -> ``loss_bbox_dn_3``), as DINO's ``build_dino`` sets
+    them (``dino.py:770-785``); encoder terms (``_enc``) have no denoising counterpart."""
+    if not isinstance(weight_dict, dict):
+        raise TypeError(f"weight_dict must be a dict of loss name -> weight, got {type(weight_dict).__name__}")
+    out = {}
+    for key, weight in weight_dict.items():
+        match = re.fullmatch(r"(?P<base>loss_[a-z]+)(?P<layer>_\d+)?", key)
+        if match:
+            out[f"{match['base']}_dn{match['layer'] or ''}"] = weight
+    return out
 
 
 def _check_args(targets, dn_number, label_noise_ratio, box_noise_scale, num_queries, num_classes,

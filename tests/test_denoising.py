@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detr_tutorial.denoising import (dn_attention_mask, dn_losses, dn_positive_indices, dn_post_process,
-                                     noise_boxes, noise_labels, num_dn_groups, prepare_for_cdn)
+                                     dn_weight_dict, noise_boxes, noise_labels, num_dn_groups, prepare_for_cdn)
 from detr_tutorial.losses import SetCriterion
 from detr_tutorial.matcher import HungarianMatcher
 
@@ -99,6 +99,19 @@ def test_official_dn_loss(name):
         torch.testing.assert_close(value, official[key], rtol=1e-6, atol=1e-6, msg=key)
     if meta["pad_size"]:
         assert got["loss_ce_dn"] > 0 and got["loss_giou_dn"] > 0
+
+
+def test_every_trained_dn_term_has_the_weight_of_its_matching_term():
+    """As DINO's build_dino: loss_*_dn and loss_*_dn_{i} weigh what loss_* and loss_*_{i} weigh."""
+    base = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    weights = {**base, **{f"{k}_{i}": v for i in range(2) for k, v in base.items()}, "loss_ce_enc": 1.0}
+    case = CASES["mixed"]
+    meta = dict(case["dn_meta"])
+    dn_post_process(case["loss"]["outputs_class"], case["loss"]["outputs_coord"], meta, True)
+    losses = dn_losses(criterion(), {"dn_meta": meta, "aux_outputs": [{}, {}]}, case["targets"])
+    trained = {k for k in losses if k.startswith("loss_")}
+    assert dn_weight_dict(weights) == {k: weights[k.replace("_dn", "")] for k in trained}
+    assert dn_weight_dict(weights)["loss_bbox_dn_1"] == 5.0
 
 
 def test_post_process_splits_at_pad_size():
