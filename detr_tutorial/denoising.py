@@ -52,14 +52,15 @@ def num_dn_groups(dn_number: int, max_objects: int) -> int:
     return doubled
 
 
-def noise_labels(labels: Tensor, label_noise_ratio: float, num_classes: int,
+def noise_labels(labels: Tensor, probability: float, num_classes: int,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-    """(n,) labels with each one replaced, with probability ``label_noise_ratio / 2``, by a class drawn
-    uniformly from [0, num_classes) (possibly the same). Draws n uniforms, then one class per flip."""
+    """(n,) labels with each one replaced, with ``probability`` (DINO: half its ``label_noise_ratio``;
+    DN-DETR: its ``label_noise_scale``), by a class drawn uniformly from [0, num_classes) (possibly the
+    same). Draws n uniforms, then one class per replaced label."""
     noisy = labels.clone()
-    if label_noise_ratio > 0:
+    if probability > 0:
         p = torch.rand(labels.shape, generator=generator, device=labels.device)
-        chosen = torch.nonzero(p < label_noise_ratio * 0.5).view(-1)
+        chosen = torch.nonzero(p < probability).view(-1)
         noisy.scatter_(0, chosen, torch.randint(0, num_classes, chosen.shape, generator=generator,
                                                 device=labels.device))
     return noisy
@@ -84,10 +85,10 @@ def noise_boxes(boxes: Tensor, negative: Tensor, box_noise_scale: float,
 def dn_attention_mask(pad_size: int, num_groups: int, num_queries: int,
                       device: Optional[torch.device] = None) -> Tensor:
     """(T, T) bool self-attention mask, ``T = pad_size + num_queries``, True = blocked: matching queries
-    (rows ``pad_size:``) see no denoising slot; a denoising slot sees its own group (positives and
-    negatives) and every matching query, but no other group."""
-    if num_groups < 1 or pad_size % (2 * num_groups):
-        raise ValueError(f"pad_size ({pad_size}) must be 2·m·num_groups with num_groups ({num_groups}) >= 1")
+    (rows ``pad_size:``) see no denoising slot; a denoising slot sees its own group (DINO: positives and
+    negatives; groups of ``pad_size // num_groups`` slots) and every matching query, but no other group."""
+    if num_groups < 1 or pad_size % num_groups:
+        raise ValueError(f"pad_size ({pad_size}) must be a multiple of num_groups ({num_groups}) >= 1")
     size = pad_size + num_queries
     mask = torch.zeros(size, size, dtype=torch.bool, device=device)
     mask[pad_size:, :pad_size] = True
@@ -136,7 +137,7 @@ def prepare_for_cdn(targets: Sequence[dict[str, Tensor]], dn_number: int, label_
     within = torch.cat([torch.arange(c, device=device) for c in counts]).repeat(2 * groups)
     slot = chunk * m + within
 
-    noisy_labels = noise_labels(labels, label_noise_ratio, num_classes, generator)
+    noisy_labels = noise_labels(labels, label_noise_ratio * 0.5, num_classes, generator)
     noisy_boxes = noise_boxes(boxes, chunk % 2 == 1, box_noise_scale, generator)
 
     weight = label_enc.weight
@@ -247,20 +248,24 @@ def dn_weight_dict(weight_dict: dict[str, float]) -> dict[str, float]:
 
 
 def _check_args(targets, dn_number, label_noise_ratio, box_noise_scale, num_queries, num_classes,
-                hidden_dim, label_enc) -> None:
-    for name, value, low in (("dn_number", dn_number, 0), ("num_queries", num_queries, 1),
+                hidden_dim, label_enc, label_dim: Optional[int] = None, dn_name: str = "dn_number",
+                noise_name: str = "label_noise_ratio") -> None:
+    """Raise on bad :func:`prepare_for_cdn` arguments; ``label_enc`` must embed in ``label_dim``
+    (default ``hidden_dim``) channels."""
+    label_dim = hidden_dim if label_dim is None else label_dim
+    for name, value, low in ((dn_name, dn_number, 0 if dn_name == "dn_number" else 1), ("num_queries", num_queries, 1),
                              ("num_classes", num_classes, 1), ("hidden_dim", hidden_dim, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if isinstance(label_noise_ratio, bool) or not isinstance(label_noise_ratio, (int, float)) \
             or not 0 <= label_noise_ratio <= 1:
-        raise ValueError(f"label_noise_ratio must be a number in [0, 1] (DINO: 0.5), got {label_noise_ratio!r}")
+        raise ValueError(f"{noise_name} must be a number in [0, 1], got {label_noise_ratio!r}")
     if isinstance(box_noise_scale, bool) or not isinstance(box_noise_scale, (int, float)) or not box_noise_scale >= 0:
         raise ValueError(f"box_noise_scale must be a number >= 0 (DINO: 0.4 or 1.0), got {box_noise_scale!r}")
     if not isinstance(label_enc, nn.Embedding):
         raise TypeError(f"label_enc must be an nn.Embedding, got {type(label_enc).__name__}")
-    if label_enc.embedding_dim != hidden_dim or label_enc.num_embeddings < num_classes:
-        raise ValueError(f"label_enc must embed at least num_classes={num_classes} labels in hidden_dim={hidden_dim} "
+    if label_enc.embedding_dim != label_dim or label_enc.num_embeddings < num_classes:
+        raise ValueError(f"label_enc must embed at least num_classes={num_classes} labels in {label_dim} "
                          f"channels, got nn.Embedding({label_enc.num_embeddings}, {label_enc.embedding_dim})")
     if isinstance(targets, (list, tuple)) and not targets:
         raise ValueError("targets must hold one dict per image, got an empty batch")

@@ -125,16 +125,22 @@ def test_post_process_splits_at_pad_size():
     assert dn_post_process(c, b, None, True) == (c, b)
 
 
+def regenerate(script, repo, tmp_path, stored):
+    """Run the generating ``script`` on the clone ``repo`` (in a child process: it patches torch) and
+    return its fresh output; skip without the clone or when it is at another commit than ``stored``."""
+    if not repo.exists():
+        pytest.skip(f"official repository not found at {repo} (set DINO_REPO / DN_DETR_REPO to a clone)")
+    subprocess.run([sys.executable, str(DATA / script), str(repo), str(tmp_path / "fresh.pt")],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=False)
+    if fresh["commit"] != stored["commit"]:
+        pytest.skip(f"the clone is at {fresh['commit']}, the stored outputs come from {stored['commit']}")
+    return fresh
+
+
 def test_stored_reference_is_reproducible_from_the_clone(tmp_path):
     """The generating script, re-run on the clone (skipped without it), writes the stored outputs again."""
-    if not DINO_REPO.exists():
-        pytest.skip(f"official DINO repository not found at {DINO_REPO} (set DINO_REPO to a clone)")
-    fresh_path = tmp_path / "fresh.pt"
-    subprocess.run([sys.executable, str(DATA / "make_dino_cdn_reference.py"), str(DINO_REPO), str(fresh_path)],
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    fresh = torch.load(fresh_path, weights_only=False)
-    if fresh["commit"] != REFERENCE["commit"]:
-        pytest.skip(f"the clone is at {fresh['commit']}, the stored outputs come from {REFERENCE['commit']}")
+    fresh = regenerate("make_dino_cdn_reference.py", DINO_REPO, tmp_path, REFERENCE)
     for name, case in CASES.items():
         for key in ("input_query_label", "input_query_bbox", "attn_mask"):
             assert torch.equal(fresh["cases"][name][key], case[key]), (name, key)
@@ -168,12 +174,12 @@ def test_group_count_stays_within_the_budget(dn_number, m):
 
 
 def test_labels_are_noised_at_the_expected_rate():
-    """A label is redrawn with probability ratio/2, uniformly over K classes, so it changes with
-    probability ratio/2 · (K-1)/K. 200,000 draws: 5 standard deviations is about 0.005."""
-    n, k, ratio = 200_000, 10, 0.5
+    """A label is redrawn with probability p (DINO: half its label_noise_ratio), uniformly over K classes,
+    so it changes with probability p · (K-1)/K. 200,000 draws: 5 standard deviations is about 0.005."""
+    n, k, p = 200_000, 10, 0.25
     labels = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(0))
-    noisy = noise_labels(labels, ratio, k, torch.Generator().manual_seed(1))
-    expected = ratio / 2 * (k - 1) / k
+    noisy = noise_labels(labels, p, k, torch.Generator().manual_seed(1))
+    expected = p * (k - 1) / k
     changed = (noisy != labels).float().mean().item()
     assert abs(changed - expected) < 5 * math.sqrt(expected * (1 - expected) / n)
     counts = torch.bincount(noisy[noisy != labels], minlength=k).float()
@@ -247,7 +253,7 @@ def test_bad_inputs(change, message):
 
 def test_mask_rejects_a_pad_size_that_is_not_whole_groups():
     with pytest.raises(ValueError, match="pad_size"):
-        dn_attention_mask(6, 2, 3)
+        dn_attention_mask(7, 2, 3)
 
 
 def test_bad_types():

@@ -127,19 +127,21 @@ def loss_case(criterion, dn_post_process, targets: list[dict], meta: dict, seed:
             "official": {k: v.detach().clone() for k, v in losses.items() if re.search(r"_dn(_\d+)?$", k)}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dino_repo", nargs="?", default=os.environ.get("DINO_REPO"))
-    parser.add_argument("out", nargs="?", default=str(Path(__file__).with_name("dino_cdn_reference.pt")))
+def main(run_official=None, doc: str = __doc__, env: str = "DINO_REPO", out: str = "dino_cdn_reference.pt") -> None:
+    """Parse ``[REPO] [OUT]`` (REPO defaults to ``$env``), run ``run_official`` (default :func:`run`) on an
+    export of the clone's HEAD from inside it, and write its result with the commit and torch version."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("repo", nargs="?", default=os.environ.get(env))
+    parser.add_argument("out", nargs="?", default=str(Path(__file__).with_name(out)))
     args = parser.parse_args()
-    if not args.dino_repo:
-        parser.error("give the DINO clone as an argument or in $DINO_REPO")
-    repo = os.path.abspath(args.dino_repo)
+    if not args.repo:
+        parser.error(f"give the clone as an argument or in ${env}")
+    repo = os.path.abspath(args.repo)
     root = base.export(repo)
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        result = run(root)
+        result = (run_official or run)(root)
     finally:
         os.chdir(cwd)
         shutil.rmtree(root)
