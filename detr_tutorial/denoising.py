@@ -31,7 +31,7 @@ from .losses import _TRAINED, SetCriterion
 from .matcher import check_targets
 from .models.deformable_transformer import inverse_sigmoid
 
-__all__ = ["num_dn_groups", "noise_labels", "noise_boxes", "dn_attention_mask", "prepare_for_cdn",
+__all__ = ["num_dn_groups", "noise_labels", "noise_boxes", "dn_attention_mask", "copy_slots", "prepare_for_cdn",
            "dn_post_process", "dn_positive_indices", "dn_losses", "dn_weight_dict"]
 
 #: DN-DETR, DAB-DETR and DINO clamp ``inverse_sigmoid`` at 1e-3 (their ``util/misc.py``), not 1e-5.
@@ -98,6 +98,18 @@ def dn_attention_mask(pad_size: int, num_groups: int, num_queries: int,
     return mask
 
 
+def copy_slots(counts: Sequence[int], chunks: int, device: Optional[torch.device] = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the copies of the objects go: the objects of all images (``counts[b]`` in image b, N in all)
+    repeated ``chunks`` times, chunk-major -> (chunks·N,) image index, chunk index, and slot
+    ``chunk·m + j`` (object j of its image, ``m = max(counts)``)."""
+    m, n = max(counts), sum(counts)
+    image = torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(counts)]).repeat(chunks)
+    chunk = torch.arange(chunks, device=device).repeat_interleave(n)
+    within = torch.cat([torch.arange(c, device=device) for c in counts]).repeat(chunks)
+    return image, chunk, chunk * m + within
+
+
 def prepare_for_cdn(targets: Sequence[dict[str, Tensor]], dn_number: int, label_noise_ratio: float,
                     box_noise_scale: float, num_queries: int, num_classes: int, hidden_dim: int,
                     label_enc: nn.Embedding, generator: Optional[torch.Generator] = None
@@ -125,17 +137,14 @@ def prepare_for_cdn(targets: Sequence[dict[str, Tensor]], dn_number: int, label_
     _check_args(targets, dn_number, label_noise_ratio, box_noise_scale, num_queries, num_classes,
                 hidden_dim, label_enc)
     counts = [len(t["labels"]) for t in targets]
-    m, n = max(counts), sum(counts)
+    m = max(counts)
     groups = num_dn_groups(dn_number, m)
     pad_size = 2 * m * groups
     labels = torch.cat([t["labels"] for t in targets]).repeat(2 * groups)  # (2G·N,)
     boxes = torch.cat([t["boxes"] for t in targets]).repeat(2 * groups, 1)  # (2G·N, 4)
     device = boxes.device
-    image = torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(counts)]).repeat(2 * groups)
     # copy k belongs to chunk k // N (even: positive, odd: negative of group chunk // 2)
-    chunk = torch.arange(2 * groups, device=device).repeat_interleave(n)  # (2G·N,)
-    within = torch.cat([torch.arange(c, device=device) for c in counts]).repeat(2 * groups)
-    slot = chunk * m + within
+    image, chunk, slot = copy_slots(counts, 2 * groups, device)
 
     noisy_labels = noise_labels(labels, label_noise_ratio * 0.5, num_classes, generator)
     noisy_boxes = noise_boxes(boxes, chunk % 2 == 1, box_noise_scale, generator)

@@ -125,3 +125,9 @@ def test_stored_reference_is_reproducible_from_the_clone(tmp_path, reference):
         assert torch.equal(fresh["official"][key], value), key
     for key, value in reference["train"]["official_losses"].items():
         assert torch.equal(fresh["train"]["official_losses"][key], value), key
+
+
+def test_dn_loss_needs_a_focal_criterion():
+    softmax = SetCriterion(5, HungarianMatcher(num_classes=5), {"loss_ce": 1.0}, 0.1, ["labels", "boxes"])
+    with pytest.raises(TypeError, match="focal_alpha"):
+        dn_detr_losses(softmax, {"dn_meta": None}, [])

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import denoising  # a module, not its names: denoising imports this package (a cycle)
 from ..losses import SetCriterion
+from ..matcher import check_targets
 from .dab_detr import DABDETR, DABTransformer, build_dab_detr
 from .backbone import Joiner
 from .deformable_transformer import inverse_sigmoid
@@ -49,13 +50,10 @@ def prepare_for_dn(targets: Sequence[dict[str, Tensor]], scalar: int, label_nois
     denoising._check_args(targets, scalar, label_noise_scale, box_noise_scale, num_queries, num_classes, hidden_dim,
                 label_enc, label_dim=hidden_dim - 1, dn_name="scalar", noise_name="label_noise_scale")
     counts = [len(t["labels"]) for t in targets]
-    m = max(counts)
     labels = torch.cat([t["labels"] for t in targets]).repeat(scalar)  # (scalar·N,)
     boxes = torch.cat([t["boxes"] for t in targets]).repeat(scalar, 1)  # (scalar·N, 4)
     device = boxes.device
-    image = torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(counts)]).repeat(scalar)
-    group = torch.arange(scalar, device=device).repeat_interleave(sum(counts))
-    slot = group * m + torch.cat([torch.arange(c, device=device) for c in counts]).repeat(scalar)
+    image, _, slot = denoising.copy_slots(counts, scalar, device)
 
     noisy_labels = denoising.noise_labels(labels, label_noise_scale, num_classes, generator)
     if box_noise_scale > 0:
@@ -65,7 +63,7 @@ def prepare_for_dn(targets: Sequence[dict[str, Tensor]], scalar: int, label_nois
 
     content = label_enc(noisy_labels)
     content = torch.cat([content, content.new_ones(len(content), 1)], 1)  # indicator 1: a denoising query
-    pad_size = m * scalar
+    pad_size = max(counts) * scalar
     dn_label = label_enc.weight.new_zeros(len(targets), pad_size, hidden_dim)
     dn_bbox = boxes.new_zeros(len(targets), pad_size, 4)
     dn_label[image, slot] = content
@@ -90,8 +88,9 @@ class DNDETR(DABDETR):
     def forward(self, images: Tensor, mask: Optional[Tensor] = None,
                 targets: Optional[Sequence[dict[str, Tensor]]] = None,
                 generator: Optional[torch.Generator] = None) -> dict:
-        """images (B, 3, H, W), mask (B, H, W) True on padding, targets as :func:`prepare_for_dn` ->
-        ``pred_logits`` (B, Q, K), ``pred_boxes`` (B, Q, 4), ``aux_outputs`` and, with denoising, ``dn_meta``."""
+        """images (B, 3, H, W), mask (B, H, W) True on padding, targets as :func:`prepare_for_dn` (used only
+        in training), generator for the noise (default: the global one) -> ``pred_logits`` (B, Q, K),
+        ``pred_boxes`` (B, Q, 4), ``aux_outputs`` and, with denoising, ``dn_meta``."""
         src, mask, _, pos = self._transformer_inputs(images, mask, self.refpoint_embed.weight)
         b, d = src.shape[0], self.transformer.d_model
         unknown = torch.cat([self.label_enc.weight[self.num_classes], src.new_zeros(1)])  # (d,), indicator 0
@@ -118,21 +117,24 @@ def dn_detr_losses(criterion: SetCriterion, outputs: dict, targets: Sequence[dic
     DINO), L1 and GIoU -- each divided by the number of copies (scalar · #objects). Terms are computed by
     ``criterion`` (focal) on the gathered slots; keys ``tgt_loss_ce``, ``tgt_class_error``,
     ``tgt_loss_bbox``, ``tgt_loss_giou``, suffixed ``_{i}`` for auxiliary layer i; zeros without objects."""
+    if not isinstance(criterion, SetCriterion) or criterion.focal_alpha is None:
+        raise TypeError("criterion must be a detr_tutorial.losses.SetCriterion with focal_alpha set (DN-DETR: 0.25)")
+    if not isinstance(outputs, dict):
+        raise TypeError(f"outputs must be the model's output dict, got {type(outputs).__name__}")
     dn_meta = outputs.get("dn_meta")
-    layers = len(outputs.get("aux_outputs", [])) + 1
-    suffixes = [""] + [f"_{i}" for i in range(layers - 1)]
+    suffixes = [""] + [f"_{i}" for i in range(len(outputs.get("aux_outputs", [])))]
     counts = [len(t["labels"]) for t in targets]
     if not dn_meta or "output_known_lbs_bboxes" not in dn_meta or not sum(counts):
         names = ("tgt_loss_ce", "tgt_class_error", "tgt_loss_bbox", "tgt_loss_giou")
-        return {name + s: torch.zeros([]) for s in suffixes for name in names}
+        device = outputs["pred_logits"].device if "pred_logits" in outputs else None
+        return {name + s: torch.zeros([], device=device) for s in suffixes for name in names}
     known = dn_meta["output_known_lbs_bboxes"]
-    groups, m = dn_meta["num_dn_group"], dn_meta["pad_size"] // dn_meta["num_dn_group"]
-    image = torch.cat([torch.full((c,), b) for b, c in enumerate(counts)]).repeat(groups)
-    slot = (torch.arange(groups).repeat_interleave(sum(counts)) * m
-            + torch.cat([torch.arange(c) for c in counts]).repeat(groups))
+    check_targets(targets, len(known["pred_logits"]), criterion.num_classes)
+    groups = dn_meta["num_dn_group"]
+    image, _, slot = denoising.copy_slots(counts, groups, known["pred_logits"].device)
     copies = [{"labels": torch.cat([t["labels"] for t in targets]).repeat(groups),
                "boxes": torch.cat([t["boxes"] for t in targets]).repeat(groups, 1)}]
-    every = [(torch.arange(len(slot)), torch.arange(len(slot)))]  # copy k answers target k
+    every = [(torch.arange(len(slot), device=slot.device),) * 2]  # copy k answers target k
     losses = {}
     for suffix, out in zip(suffixes, [known] + list(known.get("aux_outputs", []))):
         gathered = {k: out[k][image, slot][None] for k in ("pred_logits", "pred_boxes")}  # (1, copies, ·)
