@@ -74,14 +74,15 @@ class ProjectionFreeAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
         """query (B, Lq, qk_dim), key (B, Lk, qk_dim), value (B, Lk, value_dim),
-        key_padding_mask (B, Lk) bool (True = padding) -> (B, Lq, value_dim)."""
+        key_padding_mask (B, Lk) bool (True = padding), attn_mask (Lq, Lk) bool (True = blocked)
+        -> (B, Lq, value_dim)."""
         if query.shape[-1] != self.qk_dim or key.shape[-1] != self.qk_dim or value.shape[-1] != self.value_dim:
             raise ValueError(f"query/key need {self.qk_dim} channels and value {self.value_dim}, got "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
         q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (query, key, value))
-        out, _ = scaled_dot_product_attention(q, k, v, key_padding_mask,
+        out, _ = scaled_dot_product_attention(q, k, v, key_padding_mask, attn_mask,
                                               dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # heads side by side
 
@@ -120,13 +121,15 @@ class ConditionalDecoderLayer(_LayerBase):
         return ProjectionFreeAttention(d_model, d_model, nhead, dropout)
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor, query_sine_embed: Tensor,
-                memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
+                memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+                tgt_mask: Optional[Tensor] = None) -> Tensor:
         """tgt (B, Q, d) content queries, memory (B, HW, d), query_pos (B, Q, d) positional
         queries, query_sine_embed (B, Q, d) the spatial query before ``ca_qpos_sine_proj``,
-        memory_key_padding_mask (B, HW), pos (B, HW, d) -> (B, Q, d)."""
+        memory_key_padding_mask (B, HW), pos (B, HW, d), tgt_mask (Q, Q) bool, True = the
+        self-attention of that query to that one is blocked (DN-DETR's denoising groups) -> (B, Q, d)."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt))))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=tgt_mask)))
         cross = self.cross_attention(tgt, memory, query_pos, query_sine_embed, memory_key_padding_mask, pos)
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))

@@ -80,9 +80,11 @@ class DABDecoder(ConditionalDecoder):
         return torch.cat([spatial[..., :half] * y_scale, spatial[..., half:] * x_scale], dim=-1)
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, anchors: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """tgt (B, Q, d), memory (B, HW, d), anchors (B, Q, 4) in [0, 1] -> hs (layers, B, Q, d)
-        and references (layers, B, Q, 4): the anchor each layer's box is relative to."""
+                pos: Optional[Tensor] = None, anchors: Optional[Tensor] = None,
+                tgt_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """tgt (B, Q, d), memory (B, HW, d), anchors (B, Q, 4) in [0, 1], tgt_mask (Q, Q) bool for the
+        self-attention (True = blocked) -> hs (layers, B, Q, d) and references (layers, B, Q, 4): the
+        anchor each layer's box is relative to."""
         if self.bbox_embed is None:
             raise RuntimeError("DABDecoder.bbox_embed is not set; DABDETR shares its box head with the decoder")
         if anchors is None or anchors.dim() != 3 or anchors.shape[-1] != 4:
@@ -92,7 +94,7 @@ class DABDecoder(ConditionalDecoder):
         for layer_id, layer in enumerate(self.layers):
             sine = sine_embed_points(anchors, self.d_model // 2)  # (B, Q, 2d)
             tgt = layer(tgt, memory, self.ref_point_head(sine), self.spatial_query(layer_id, tgt, anchors, sine),
-                        memory_key_padding_mask=memory_key_padding_mask, pos=pos)
+                        memory_key_padding_mask=memory_key_padding_mask, pos=pos, tgt_mask=tgt_mask)
             hs.append(self.norm(tgt))
             refined = (self.bbox_embed(tgt) + inverse_sigmoid(anchors, INVERSE_SIGMOID_EPS)).sigmoid()
             if layer_id < self.num_layers - 1:
@@ -124,14 +126,21 @@ class DABTransformer(ConditionalTransformer):
         d_model = layer_args[0]
         return DABDecoder(ConditionalDecoderLayer(*layer_args), num_layers, nn.LayerNorm(d_model), d_model)
 
-    def forward(self, src: Tensor, mask: Tensor, anchors: Tensor,
-                pos_embed: Tensor) -> tuple[Tensor, Tensor]:
-        """src (B, d, H, W), mask (B, H, W), anchors (Q, 4) unsigmoided, pos_embed (B, d, H, W)."""
-        self._check_inputs(src, mask, anchors, pos_embed, query_width=4)
+    def forward(self, src: Tensor, mask: Tensor, anchors: Tensor, pos_embed: Tensor,
+                tgt: Optional[Tensor] = None, tgt_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """src (B, d, H, W), mask (B, H, W), anchors (Q, 4) unsigmoided, pos_embed (B, d, H, W).
+
+        DN-DETR's additions: per-image anchors (B, Q, 4) with ``tgt`` (B, Q, d), the content queries
+        (zeros when None), and ``tgt_mask`` (Q, Q) bool for the decoder's self-attention (True = blocked)."""
+        b = src.shape[0]
+        self._check_inputs(src, mask, anchors if anchors.dim() == 2 else anchors[0], pos_embed, query_width=4)
+        anchors = anchors.sigmoid().expand(b, -1, -1)  # (B, Q, 4)
+        if tgt is None:
+            tgt = src.new_zeros(b, anchors.shape[1], self.d_model)
+        elif tgt.shape != (b, anchors.shape[1], self.d_model):
+            raise ValueError(f"tgt must have shape {(b, anchors.shape[1], self.d_model)}, got {tuple(tgt.shape)}")
         memory, mask, pos = self._encode(src, mask, pos_embed)
-        b, q = src.shape[0], anchors.shape[0]
-        return self.decoder(memory.new_zeros(b, q, self.d_model), memory, memory_key_padding_mask=mask,
-                            pos=pos, anchors=anchors.sigmoid()[None].expand(b, -1, -1))
+        return self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos, anchors=anchors, tgt_mask=tgt_mask)
 
 
 class DABDETR(ConditionalDETR):
