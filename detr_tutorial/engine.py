@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoints import check_state_dict
+from .distributed import any_rank, mean_over_ranks
 from .divergence import NonFiniteLossError, diverged, non_finite_outputs
 from .evaluation import evaluate_model
 from .run_dir import (CHECKPOINT, METRICS, ResumeMismatchError, check_out_dir, check_training_state, get_rng_state,
@@ -149,6 +150,7 @@ class Trainer:
             raise ValueError("train_loader yields no batches")
         self.device = torch.device(device)
         self.model, self.criterion = model.to(self.device), criterion.to(self.device)
+        self.forward_model: nn.Module = self.model  # the model's DDP wrapper under torchrun (see .distributed)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.postprocess, self.classes, self.config, self.run = postprocess, classes, config, run
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -168,8 +170,9 @@ class Trainer:
         loss_dict = self.criterion(outputs, _to(targets, self.device))
         weights = self.criterion.weight_dict
         loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-        if not torch.isfinite(loss):
-            self._diverged(f"loss is {loss.item()}", loss_dict)
+        logged = {k: mean_over_ranks(v) for k, v in {"loss": loss, **loss_dict}.items()}  # the global batch's
+        if not torch.isfinite(logged["loss"]):  # on any rank: every rank stops
+            self._diverged(f"loss is {logged['loss'].item()}", loss_dict)
         self.optimizer.zero_grad()
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -178,8 +181,8 @@ class Trainer:
             self._diverged(f"gradient norm is {grad_norm.item()}", loss_dict)
         if self.config.clip_max_norm > 0:
             nn.utils.clip_grads_with_norm_(params, self.config.clip_max_norm, grad_norm)
-        record = {"step": self.step, "epoch": self.epoch, "loss": loss.item(),
-                  "lr": self.optimizer.param_groups[0]["lr"], **{k: v.item() for k, v in loss_dict.items()}}
+        record = {"step": self.step, "epoch": self.epoch, "loss": logged["loss"].item(),
+                  "lr": self.optimizer.param_groups[0]["lr"], **{k: v.item() for k, v in logged.items() if k != "loss"}}
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -187,7 +190,7 @@ class Trainer:
 
     def _forward(self, images: Tensor, mask: Tensor) -> dict:
         try:
-            outputs = self.model(images.to(self.device), mask.to(self.device))
+            outputs = self.forward_model(images.to(self.device), mask.to(self.device))
         except ValueError as error:  # the library's own checks on non-finite activations
             if "finite" not in str(error):
                 raise
@@ -222,9 +225,9 @@ class Trainer:
         return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
     def out_of_time(self) -> bool:
-        """Whether this call of :meth:`fit` has used up ``config.max_seconds`` of training time."""
+        """Whether this call of :meth:`fit` has used up ``config.max_seconds`` of training time (on any rank)."""
         return self.config.max_seconds is not None and \
-            self.train_seconds - self._budget_start >= self.config.max_seconds
+            any_rank(self.train_seconds - self._budget_start >= self.config.max_seconds)
 
     def evaluate(self) -> dict[str, float]:
         """COCO metrics on ``val_loader``."""

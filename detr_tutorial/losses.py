@@ -45,6 +45,7 @@ import torchvision.ops
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .distributed import is_distributed, mean_over_ranks
 from .matcher import HungarianMatcher, check_outputs, check_targets
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss", "accuracy"]
@@ -135,7 +136,11 @@ class SetCriterion(nn.Module):
                                     device=src_logits.device)  # (B, Q)
         target_classes[idx] = target_classes_o
 
-        if self.focal_alpha is None:
+        if self.focal_alpha is None and is_distributed():
+            # the global batch's weighted mean: DDP averages over ranks, so divide by the mean weight sum per rank
+            loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight,
+                                      reduction="sum") / mean_over_ranks(self.empty_weight[target_classes].sum())
+        elif self.focal_alpha is None:
             loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
         else:
             # One-hot over K+1 classes, then drop "no object": an empty query has all-zero targets.
@@ -202,10 +207,11 @@ class SetCriterion(nn.Module):
         check_targets(targets, len(main["pred_logits"]), self.num_classes, num_queries)
         indices = self.matcher.match(main, targets)
 
-        # Normalise box losses by the number of target boxes in the batch (at least 1).
+        # Normalise box losses by the number of target boxes in the batch (at least 1); under DDP, which
+        # averages gradients over ranks, by the mean number per rank, as the official DETR does.
         num_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=main["pred_logits"].device)
-        num_boxes = torch.clamp(num_boxes, min=1).item()
+        num_boxes = torch.clamp(mean_over_ranks(num_boxes), min=1).item()
 
         losses = {}
         for loss in self.losses:
