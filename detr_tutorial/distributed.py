@@ -31,7 +31,9 @@ module turns them into a process group (gloo on the CPU, NCCL on CUDA) and a
   same weights, optimiser state and RNG state, hence the same next shuffle.
 
 With dropout, every rank draws its masks from the same RNG stream; the presets
-train with dropout 0.
+train with dropout 0. A non-finite loss stops the rank that computed it with
+:class:`~detr_tutorial.divergence.NonFiniteLossError` (a non-finite gradient,
+all-reduced, stops every rank); torchrun then stops the others.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 __all__ = ["CpuSyncBatchNorm2d", "ShardedBatchSampler", "any_rank", "check_batch_split", "cleanup", "distribute",
-           "init_from_env", "is_distributed", "is_main_process", "launched_by_torchrun", "mean_over_ranks", "rank",
-           "shard_loader", "sync_batchnorm", "world_size"]
+           "init_from_env", "is_distributed", "is_main_process", "launched_by_torchrun", "mean_over_ranks",
+           "mean_record", "rank", "shard_loader", "sync_batchnorm", "world_size"]
 
 #: how long the other ranks wait at a collective (rank 0's evaluation included) before giving up
 TIMEOUT = datetime.timedelta(hours=1)
@@ -117,6 +119,16 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     total = _on_backend(value.detach().clone())
     dist.all_reduce(total)
     return (total / dist.get_world_size()).to(value.device)
+
+
+def mean_record(record: dict, keep: tuple[str, ...] = ("step", "epoch", "lr")) -> dict:
+    """A step's log record with every value but ``keep`` averaged over ranks (the global batch's losses when
+    each rank's loss is its share of the global batch's); ``record`` itself when not distributed."""
+    if not is_distributed():
+        return record
+    keys = [k for k in record if k not in keep]
+    values = mean_over_ranks(torch.tensor([record[k] for k in keys], dtype=torch.float64))
+    return {**record, **dict(zip(keys, values.tolist()))}
 
 
 def any_rank(flag: bool) -> bool:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoints import check_state_dict
-from .distributed import any_rank, mean_over_ranks
+from .distributed import any_rank, mean_record
 from .divergence import NonFiniteLossError, diverged, non_finite_outputs
 from .evaluation import evaluate_model
 from .run_dir import (CHECKPOINT, METRICS, ResumeMismatchError, check_out_dir, check_training_state, get_rng_state,
@@ -170,9 +170,8 @@ class Trainer:
         loss_dict = self.criterion(outputs, _to(targets, self.device))
         weights = self.criterion.weight_dict
         loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-        logged = {k: mean_over_ranks(v) for k, v in {"loss": loss, **loss_dict}.items()}  # the global batch's
-        if not torch.isfinite(logged["loss"]):  # on any rank: every rank stops
-            self._diverged(f"loss is {logged['loss'].item()}", loss_dict)
+        if not torch.isfinite(loss):
+            self._diverged(f"loss is {loss.item()}", loss_dict)
         self.optimizer.zero_grad()
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -181,8 +180,8 @@ class Trainer:
             self._diverged(f"gradient norm is {grad_norm.item()}", loss_dict)
         if self.config.clip_max_norm > 0:
             nn.utils.clip_grads_with_norm_(params, self.config.clip_max_norm, grad_norm)
-        record = {"step": self.step, "epoch": self.epoch, "loss": logged["loss"].item(),
-                  "lr": self.optimizer.param_groups[0]["lr"], **{k: v.item() for k, v in logged.items() if k != "loss"}}
+        record = {"step": self.step, "epoch": self.epoch, "loss": loss.item(),
+                  "lr": self.optimizer.param_groups[0]["lr"], **{k: v.item() for k, v in loss_dict.items()}}
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -214,7 +213,7 @@ class Trainer:
                    mininterval=2.0)
         for images, mask, targets in bar:
             start = time.perf_counter()
-            records.append(self.train_step(images, mask, targets))
+            records.append(mean_record(self.train_step(images, mask, targets)))  # under DDP, the global batch's
             self.train_seconds += time.perf_counter() - start
             self.step_log.append(records[-1])
             bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", refresh=False)

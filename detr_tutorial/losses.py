@@ -136,11 +136,7 @@ class SetCriterion(nn.Module):
                                     device=src_logits.device)  # (B, Q)
         target_classes[idx] = target_classes_o
 
-        if self.focal_alpha is None and is_distributed():
-            # the global batch's weighted mean: DDP averages over ranks, so divide by the mean weight sum per rank
-            loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight,
-                                      reduction="sum") / mean_over_ranks(self.empty_weight[target_classes].sum())
-        elif self.focal_alpha is None:
+        if self.focal_alpha is None:
             loss_ce = F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)
         else:
             # One-hot over K+1 classes, then drop "no object": an empty query has all-zero targets.
@@ -226,11 +222,24 @@ class SetCriterion(nn.Module):
             bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._suffixed(enc, bin_targets, num_boxes, "_enc"))
 
+        if self.focal_alpha is None and is_distributed():
+            losses = self._global_cross_entropy(losses, targets, main["pred_logits"].shape[1])
         missing = sorted(set(self.weight_dict) - set(losses))
         if missing:
             raise ValueError(f"weight_dict names {missing}, which these outputs do not produce (computed: "
                              f"{sorted(losses)}); check the number of decoder layers and two-stage settings")
         return losses
+
+    def _global_cross_entropy(self, losses: dict[str, Tensor], targets: Sequence[dict],
+                              num_queries: int) -> dict[str, Tensor]:
+        """Under DDP, which averages gradients over ranks: every ``loss_ce*`` rescaled from this rank's weighted
+        mean to its share of the global batch's, i.e. divided by the mean weight sum per rank instead of its own
+        (the official DETR keeps the per-rank mean). Every target is matched in every layer, so the weight sum of
+        a layer is that of all queries "no object" plus, per target, its class weight minus that of "no object"."""
+        no_object = self.empty_weight[-1]
+        weight = sum(no_object * num_queries + (self.empty_weight[t["labels"]] - no_object).sum() for t in targets)
+        factor = weight / mean_over_ranks(weight)
+        return {k: v * factor if k == "loss_ce" or k.startswith("loss_ce_") else v for k, v in losses.items()}
 
     def _suffixed(self, outputs: dict, targets: Sequence[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
         indices = self.matcher.match(outputs, targets)
