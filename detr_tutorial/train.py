@@ -192,25 +192,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if distributed.launched_by_torchrun():
         device = distributed.init_from_env(device)
     main_process = distributed.is_main_process()  # rank 0 alone writes the output folder
+    if args.overwrite and main_process:
+        for name in existing_run_files(args.out):
+            (Path(args.out) / name).unlink()
+            print(f"--overwrite: deleted {Path(args.out) / name}", file=sys.stderr)
+    if main_process:
+        record_command(args.out, argv, preset, args.model, device)
     try:
-        if args.overwrite and main_process:
-            for name in existing_run_files(args.out):
-                (Path(args.out) / name).unlink()
-                print(f"--overwrite: deleted {Path(args.out) / name}", file=sys.stderr)
+        trainer = _train(args, preset, device, checkpoint)
+    except BaseException as error:  # recorded, then raised as it is
         if main_process:
-            record_command(args.out, argv, preset, args.model, device)
-        try:
-            trainer = _train(args, preset, device, checkpoint)
-        except BaseException as error:  # recorded, then raised as it is
-            if main_process:
-                finish_command(args.out, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed", error)
-            raise
+            finish_command(args.out, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed", error)
+        raise
     finally:
         distributed.cleanup()
     if main_process:
         finish_command(args.out, "finished" if trainer.epoch == preset.train.epochs else "stopped")
-        if trainer.epoch_log:
-            print(json.dumps(trainer.epoch_log[-1]))
+    if trainer.epoch_log and main_process:
+        print(json.dumps(trainer.epoch_log[-1]))
     return 0
 
 
