@@ -2,7 +2,7 @@
 
 The 'tiny' preset trains DETR with dropout 0 on the small backbone, whose BatchNorm is trainable: the two
 processes must synchronise its batch statistics (and normalise the losses over the global batch) for their
-parameters to equal the single process's. One thread per process; about a minute on two busy cores.
+parameters to equal the single process's. One thread per process; 65-120 s on two busy cores.
 """
 import json
 import os
