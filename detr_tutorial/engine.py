@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoints import check_state_dict
+from .distributed import any_rank, mean_record
 from .divergence import NonFiniteLossError, diverged, non_finite_outputs
 from .evaluation import evaluate_model
 from .run_dir import (CHECKPOINT, METRICS, ResumeMismatchError, check_out_dir, check_training_state, get_rng_state,
@@ -149,6 +150,7 @@ class Trainer:
             raise ValueError("train_loader yields no batches")
         self.device = torch.device(device)
         self.model, self.criterion = model.to(self.device), criterion.to(self.device)
+        self.forward_model: nn.Module = self.model  # the model's DDP wrapper under torchrun (see .distributed)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.postprocess, self.classes, self.config, self.run = postprocess, classes, config, run
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -187,7 +189,7 @@ class Trainer:
 
     def _forward(self, images: Tensor, mask: Tensor) -> dict:
         try:
-            outputs = self.model(images.to(self.device), mask.to(self.device))
+            outputs = self.forward_model(images.to(self.device), mask.to(self.device))
         except ValueError as error:  # the library's own checks on non-finite activations
             if "finite" not in str(error):
                 raise
@@ -211,7 +213,7 @@ class Trainer:
                    mininterval=2.0)
         for images, mask, targets in bar:
             start = time.perf_counter()
-            records.append(self.train_step(images, mask, targets))
+            records.append(mean_record(self.train_step(images, mask, targets)))  # under DDP, the global batch's
             self.train_seconds += time.perf_counter() - start
             self.step_log.append(records[-1])
             bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", refresh=False)
@@ -222,9 +224,9 @@ class Trainer:
         return {k: float(np.mean([r[k] for r in records])) for k in keys}
 
     def out_of_time(self) -> bool:
-        """Whether this call of :meth:`fit` has used up ``config.max_seconds`` of training time."""
+        """Whether this call of :meth:`fit` has used up ``config.max_seconds`` of training time (on any rank)."""
         return self.config.max_seconds is not None and \
-            self.train_seconds - self._budget_start >= self.config.max_seconds
+            any_rank(self.train_seconds - self._budget_start >= self.config.max_seconds)
 
     def evaluate(self) -> dict[str, float]:
         """COCO metrics on ``val_loader``."""

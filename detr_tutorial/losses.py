@@ -45,6 +45,7 @@ import torchvision.ops
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .distributed import is_distributed, mean_over_ranks
 from .matcher import HungarianMatcher, check_outputs, check_targets
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss", "accuracy"]
@@ -202,10 +203,11 @@ class SetCriterion(nn.Module):
         check_targets(targets, len(main["pred_logits"]), self.num_classes, num_queries)
         indices = self.matcher.match(main, targets)
 
-        # Normalise box losses by the number of target boxes in the batch (at least 1).
+        # Normalise box losses by the number of target boxes in the batch (at least 1); under DDP, which
+        # averages gradients over ranks, by the mean number per rank, as the official DETR does.
         num_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=main["pred_logits"].device)
-        num_boxes = torch.clamp(num_boxes, min=1).item()
+        num_boxes = torch.clamp(mean_over_ranks(num_boxes), min=1).item()
 
         losses = {}
         for loss in self.losses:
@@ -220,11 +222,24 @@ class SetCriterion(nn.Module):
             bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._suffixed(enc, bin_targets, num_boxes, "_enc"))
 
+        if self.focal_alpha is None and is_distributed():
+            losses = self._global_cross_entropy(losses, targets, main["pred_logits"].shape[1])
         missing = sorted(set(self.weight_dict) - set(losses))
         if missing:
             raise ValueError(f"weight_dict names {missing}, which these outputs do not produce (computed: "
                              f"{sorted(losses)}); check the number of decoder layers and two-stage settings")
         return losses
+
+    def _global_cross_entropy(self, losses: dict[str, Tensor], targets: Sequence[dict],
+                              num_queries: int) -> dict[str, Tensor]:
+        """Under DDP, which averages gradients over ranks: every ``loss_ce*`` rescaled from this rank's weighted
+        mean to its share of the global batch's, i.e. divided by the mean weight sum per rank instead of its own
+        (the official DETR keeps the per-rank mean). Every target is matched in every layer, so the weight sum of
+        a layer is that of all queries "no object" plus, per target, its class weight minus that of "no object"."""
+        no_object = self.empty_weight[-1]
+        weight = sum(no_object * num_queries + (self.empty_weight[t["labels"]] - no_object).sum() for t in targets)
+        factor = weight / mean_over_ranks(weight)
+        return {k: v * factor if k == "loss_ce" or k.startswith("loss_ce_") else v for k, v in losses.items()}
 
     def _suffixed(self, outputs: dict, targets: Sequence[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
         indices = self.matcher.match(outputs, targets)

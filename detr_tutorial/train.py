@@ -12,6 +12,11 @@ command and the code that produced it. ``--resume`` continues from a
 checkpoint, taking exactly the steps the uninterrupted run would have taken;
 it refuses settings that contradict the checkpoint's. A folder that holds a
 run is never overwritten unless ``--overwrite`` says so.
+
+Under ``torchrun --nproc_per_node N -m detr_tutorial.train ...`` the same command
+trains with DistributedDataParallel; the preset's batch size is the global batch
+(split over the processes) and the learning rate stays the preset's, and only
+rank 0 writes the output folder (see :mod:`detr_tutorial.distributed`).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import distributed
 from .notebook import seed_everything
 from .data.coco_loaders import CocoConfig
 from .presets import MODELS, PRESETS, Preset, describe_run, get_coco_preset, get_preset, make_trainer
@@ -60,7 +66,12 @@ def record_command(out: str | Path, argv: Sequence[str], preset: Preset, model: 
 
     :func:`finish_command` replaces the status when the run ends; a record
     still "running" belongs to a process that was killed."""
-    record = {"command": shlex.join(["python", "-m", "detr_tutorial.train", *argv]), "model": model,
+    launcher = ["python", "-m"]
+    if distributed.launched_by_torchrun():
+        world, per_node = distributed.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", distributed.world_size()))
+        launcher = ["torchrun", f"--nnodes={world // per_node}", f"--nproc_per_node={per_node}", "-m"]
+    record = {"command": shlex.join([*launcher, "detr_tutorial.train", *argv]), "model": model,
+              "world_size": distributed.world_size(),
               "preset": dataclasses.asdict(preset), "device": str(device), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(), "code": code_version(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "status": "running"}
@@ -176,6 +187,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preset = _coco_preset(parser, args, overrides)
     else:
         preset = get_preset(args.preset, data=data, **overrides)
+    try:
+        distributed.check_batch_split(preset.batch_size, distributed.world_size())
+    except ValueError as error:
+        parser.error(f"--preset {args.preset}: {error}")
     refusal, checkpoint = _check_out(args), None
     if refusal is not None:
         parser.error(refusal)
@@ -188,18 +203,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      None)
         if conflicts:
             parser.error(_explain(args, conflicts))
-    if args.overwrite:
+    if distributed.launched_by_torchrun():
+        device = distributed.init_from_env(device)
+    main_process = distributed.is_main_process()  # rank 0 alone writes the output folder
+    if args.overwrite and main_process:
         for name in existing_run_files(args.out):
             (Path(args.out) / name).unlink()
             print(f"--overwrite: deleted {Path(args.out) / name}", file=sys.stderr)
-    record_command(args.out, argv, preset, args.model, device)
+    if main_process:
+        record_command(args.out, argv, preset, args.model, device)
     try:
         trainer = _train(args, preset, device, checkpoint)
     except BaseException as error:  # recorded, then raised as it is
-        finish_command(args.out, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed", error)
+        if main_process:
+            finish_command(args.out, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed", error)
         raise
-    finish_command(args.out, "finished" if trainer.epoch == preset.train.epochs else "stopped")
-    if trainer.epoch_log:
+    finally:
+        distributed.cleanup()
+    if main_process:
+        finish_command(args.out, "finished" if trainer.epoch == preset.train.epochs else "stopped")
+    if trainer.epoch_log and main_process:
         print(json.dumps(trainer.epoch_log[-1]))
     return 0
 
@@ -230,6 +253,8 @@ def _train(args: argparse.Namespace, preset: Preset, device: torch.device, check
         if trainer.epoch == preset.train.epochs:
             print(f"the checkpoint has trained all {trainer.epoch} epochs: nothing to train (raise --epochs to "
                   f"continue)", file=sys.stderr)
+    if distributed.is_distributed():
+        distributed.distribute(trainer)
     trainer.fit()
     if trainer.epoch < preset.train.epochs:
         print(f"stopped by --max-seconds {args.max_seconds} after epoch {trainer.epoch - 1} (step {trainer.step}); "
