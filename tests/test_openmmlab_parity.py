@@ -59,3 +59,26 @@ def test_sampler_arguments_are_checked():
         GlobalRandomSampler(range(4), skip_draws=-1)
     with pytest.raises(TypeError, match="seed"):
         GlobalRandomSampler(range(4), seed="0")
+
+
+@pytest.mark.parametrize("name, config", [("detr", "detr/detr_shapes_cpu.py"),
+                                          ("deformable_detr", "deformable_detr/deformable-detr_shapes_cpu.py"),
+                                          ("conditional_detr", "conditional_detr/conditional-detr_shapes_cpu.py"),
+                                          ("dab_detr", "dab_detr/dab-detr_shapes_cpu.py")])
+def test_config_route_draws_the_builders_initial_weights(name, config):
+    """Same seed -> the same initial weights, and torch's generator left in the same state (the data order)."""
+    from mmengine import Config
+
+    from detr_tutorial.openmmlab import MODELS
+    from detr_tutorial.presets import MODELS as RECIPES
+    from detr_tutorial.presets import PRESETS
+
+    torch.manual_seed(0)
+    built = MODELS.build(Config.fromfile(config_path(config)).model).detector.state_dict()
+    after_config = torch.get_rng_state()
+    torch.manual_seed(0)
+    direct = RECIPES[name](3, **PRESETS["shapes_cpu"].models[name])[0].state_dict()
+    assert torch.equal(after_config, torch.get_rng_state())
+    assert built.keys() == direct.keys()
+    for key, value in direct.items():
+        torch.testing.assert_close(built[key], value, rtol=0, atol=0, msg=key)
