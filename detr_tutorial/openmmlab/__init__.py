@@ -12,12 +12,12 @@ from . import detectors, parts, runtime  # noqa: F401  (their register_module() 
 from .detectors import Detector, SetPredictionHead
 from .from_preset import preset_options
 from .plugins import import_plugin, plugin_module_name
-from .registry import DATASETS, FUNCTIONS, HOOKS, METRICS, MODELS, SCOPE
-from .runtime import CocoAPMetric, MetricsLogHook, RenderedShapes
+from .registry import DATA_SAMPLERS, DATASETS, FUNCTIONS, HOOKS, METRICS, MODELS, SCOPE
+from .runtime import CocoAPMetric, GlobalRandomSampler, MetricsLogHook, RenderedShapes, TrainRNGHook
 
-__all__ = ["CocoAPMetric", "DATASETS", "Detector", "FUNCTIONS", "HOOKS", "METRICS", "MODELS", "MetricsLogHook",
-           "RenderedShapes", "SCOPE", "SetPredictionHead", "config_path", "import_plugin", "plugin_module_name",
-           "preset_options"]
+__all__ = ["CocoAPMetric", "DATASETS", "DATA_SAMPLERS", "Detector", "FUNCTIONS", "GlobalRandomSampler", "HOOKS", "METRICS",
+           "MODELS", "MetricsLogHook", "RenderedShapes", "SCOPE", "SetPredictionHead", "TrainRNGHook", "config_path",
+           "import_plugin", "plugin_module_name", "preset_options"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

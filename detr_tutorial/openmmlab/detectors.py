@@ -13,6 +13,9 @@ criterion, so here a config builds
   post-processing, with the loss weights and matcher of ``bbox_head`` and ``train_cfg``,
 
 joined in a :class:`Detector`, an mmengine ``BaseModel`` that the Runner trains.
+
+The neck is built aside and takes the builder's projection weights, so with the same seed a config-built
+model starts from the weights the builder draws and leaves torch's generator where the builder leaves it.
 """
 from __future__ import annotations
 
@@ -171,12 +174,15 @@ def _detector(name: str, cfg: dict) -> Detector:
     backbone = MODELS.build(cfg["backbone"])
     model = _BUILDERS[name](backbone, num_classes=cfg["bbox_head"]["num_classes"], **kwargs)
     model.backbone[1] = MODELS.build(dict(dict(type="SinePositionalEncoding"), **cfg["positional_encoding"]))
-    neck = MODELS.build(cfg["neck"])
+    with torch.random.fork_rng(devices=[]):  # the neck's draws must not shift what follows (data order)
+        neck = MODELS.build(cfg["neck"])
     if [c.weight.shape for c in neck.modules() if isinstance(c, nn.Conv2d)] != \
             [c.weight.shape for c in model.input_proj.modules() if isinstance(c, nn.Conv2d)]:
         raise ValueError(f"{name}: the neck {dict(cfg['neck'])} does not fit the backbone's channels "
                          f"{backbone.num_channels} and the model's levels and embed_dims {hidden}")
-    model.input_proj = neck.convs if name == "DeformableDETR" else neck.convs[0]
+    projection = neck.convs if name == "DeformableDETR" else neck.convs[0]
+    projection.load_state_dict(model.input_proj.state_dict())  # the builder's initial values, seed for seed
+    model.input_proj = projection
     num_aux = model.transformer.decoder.num_layers - 1
     head = MODELS.build(cfg["bbox_head"], default_args=dict(
         train_cfg=cfg["train_cfg"], test_cfg=cfg.get("test_cfg"), num_aux=num_aux,

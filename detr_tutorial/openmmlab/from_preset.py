@@ -3,9 +3,11 @@
 :func:`preset_options` turns :class:`~detr_tutorial.presets.Preset`'s :class:`~detr_tutorial.data.DataConfig`
 and :class:`~detr_tutorial.engine.TrainConfig` into the keys of ``configs/_base_/datasets/shapes_detection.py``
 and of a shapes config's optimizer and schedule, so the Runner trains what the book's engine trains:
-AdamW (``lr``, ``weight_decay``; the backbone at ``lr_backbone / lr`` times the rate), gradient clipping at
-``clip_max_norm``, a linear warm-up over ``warmup_steps`` iterations (``LinearLR`` from ``1 / warmup_steps``;
-the engine's ramp is ``(step + 1) / warmup_steps``, equal at both ends), the rate times ``lr_gamma`` every
+AdamW (``lr``, ``weight_decay``, PyTorch's fused kernel as the engine's ``build_optimizer`` picks on
+CPU and CUDA; the backbone at ``lr_backbone / lr`` times the rate), gradient clipping at
+``clip_max_norm``, a linear warm-up over ``warmup_steps`` iterations (``LinearLR`` from ``1 / warmup_steps``:
+mmengine's factor ``start + (1 - start) * t / (warmup_steps - 1)`` is the engine's ``(t + 1) / warmup_steps``,
+computed as a running product, so equal to about 1e-15 relative), the rate times ``lr_gamma`` every
 ``lr_drop`` epochs (``MultiStepLR``), validation every ``eval_every`` epochs. The model's settings stay the
 config's own.
 """
@@ -38,6 +40,7 @@ def preset_options(preset: Preset) -> dict:
         "test_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_val, seed=data.val_seed, **shapes),
         "optim_wrapper.optimizer.lr": train.lr,
         "optim_wrapper.optimizer.weight_decay": train.weight_decay,
+        "optim_wrapper.optimizer.fused": True,
         "optim_wrapper.clip_grad": dict(max_norm=train.clip_max_norm, norm_type=2) if train.clip_max_norm else None,
         "optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult": train.lr_backbone / train.lr,
         "train_cfg.max_epochs": train.epochs,

@@ -6,7 +6,8 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2),
-    sampler_seed=dict(type='DistSamplerSeedHook'))
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    train_rng=dict(type='TrainRNGHook'))  # validation off the training's RNG stream; RNG states in checkpoints
 custom_hooks = [dict(type='MetricsLogHook')]
 
 env_cfg = dict(

@@ -8,11 +8,7 @@ focal_head = dict(
 model = dict(
     type='ConditionalDETR',
     bbox_head=focal_head,
-    train_cfg=dict(
-        assigner=dict(
-            type='HungarianAssigner',
-            match_costs=[
-                dict(type='FocalLossCost', weight=2.0),
-                dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-                dict(type='IoUCost', iou_mode='giou', weight=2.0)
-            ])))
+    train_cfg=dict(assigner=dict(match_costs=[
+        dict(type='FocalLossCost', weight=2.0),
+        dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+        dict(type='IoUCost', iou_mode='giou', weight=2.0)])))

@@ -2,9 +2,8 @@
 # batches of 8, two epochs; DETR with d=16, 2 heads, 1 + 2 layers, FFN 32, 6 queries.
 _base_ = ['./detr_shapes_cpu.py']
 embed_dims = 16
-attn = dict(embed_dims=embed_dims, num_heads=2, dropout=0.0, batch_first=True)
-ffn = dict(embed_dims=embed_dims, feedforward_channels=32, num_fcs=2, ffn_drop=0.0,
-           act_cfg=dict(type='ReLU', inplace=True))
+attn = dict(embed_dims=embed_dims, num_heads=2)  # merged into the base's attn and layer settings
+ffn = dict(embed_dims=embed_dims, feedforward_channels=32)
 model = dict(
     num_queries=6,
     backbone=dict(widths=(8, 8, 16)),

@@ -7,7 +7,7 @@ train_dataloader = dict(
     batch_size=32,
     num_workers=0,
     drop_last=True,
-    sampler=dict(type='DefaultSampler', shuffle=True),
+    sampler=dict(type='RandomSampler', skip_draws=1),  # the engine's shuffle (and TrainRNGHook)
     collate_fn=dict(type='detr_tutorial.detr_collate'),
     dataset=dict(type=dataset_type, num_images=4000, seed=0, **shapes_data))
 val_dataloader = dict(
