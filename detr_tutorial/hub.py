@@ -84,6 +84,7 @@ _DEFORMABLE = _COMMON + [  # the official decoder layer: norm1 after cross-atten
     (r"^model\.input_proj\.", "input_proj."),
     (r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b",
      r"transformer.\1"),
+    (r"^model\.decoder\.(class_embed|bbox_embed)\.", r"transformer.decoder.\1."),  # box refinement's heads
     (r"^(transformer\.decoder\.layers\.\d+)\.encoder_attn\.", r"\1.cross_attn."),
     (r"^(transformer\.decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.norm1."),
     (r"^(transformer\.decoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm2."),
@@ -233,6 +234,20 @@ def convert_hf_state_dict(weights: dict[str, Tensor], model_type: str) -> tuple[
     return state, origin
 
 
+def _fill_shared(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Give every name of a tensor the model shares between modules the value saved under one of them:
+    ``transformers`` saves a shared (tied) tensor once, e.g. the class head that all Deformable DETR
+    decoder layers share as ``class_embed.0`` only, or the box-refinement heads under ``model.decoder``."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    for names in groups.values():
+        saved = [n for n in names if n in state]
+        for name in names:
+            if saved and name not in state:
+                state[name] = state[saved[0]]
+
+
 def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> nn.Module:
     """Build the library's model for a ``save_pretrained`` folder and load its weights.
 
@@ -256,11 +271,7 @@ def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> nn.Module:
     builder, kwargs = hf_model_kwargs(config)
     model = builder(**{**kwargs, **overrides})
     state, origin = convert_hf_state_dict(weights, config["model_type"])
-    if config["model_type"] == "deformable_detr" and not config.get("with_box_refine"):
-        # transformers saves the head that all decoder layers share once, as class_embed.0 / bbox_embed.0
-        for key in [k for k in state if re.match(r"(class_embed|bbox_embed)\.0\.", k)]:
-            for i in range(1, len(model.class_embed)):
-                state.setdefault(key.replace(".0.", f".{i}.", 1), state[key])
+    _fill_shared(model, state)
     file = Path(folder) / "model.safetensors"
     own = model.state_dict()
     unknown = sorted(origin[k] for k in state if k not in own)
