@@ -125,16 +125,19 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return config, weights
 
 
-def _get(config: dict, key: str, default: Any = None) -> Any:
-    return config.get(key, default)
+def _require(config: dict, key: str) -> Any:
+    if key not in config:
+        raise ValueError(f"config.json has no {key!r}; is it the config of a DETR-family model?")
+    return config[key]
 
 
 def _same(config: dict, a: str, b: str) -> Any:
     """``config[a]``, refusing a config where ``config[b]`` differs (the library uses one value)."""
-    if config.get(a) != config.get(b, config.get(a)):
-        raise ValueError(f"config.json: {a}={config.get(a)} and {b}={config.get(b)} differ; the library's "
+    value = _require(config, a)
+    if config.get(b, value) != value:
+        raise ValueError(f"config.json: {a}={value} and {b}={config[b]} differ; the library's "
                          f"model uses one value for both")
-    return config[a]
+    return value
 
 
 def _backbone_name(config: dict, levels: tuple[int, ...]) -> str:
@@ -177,18 +180,18 @@ def hf_model_kwargs(config: dict) -> tuple[Callable[..., nn.Module], dict]:
     id2label = config.get("id2label")
     if not isinstance(id2label, dict) or not id2label:
         raise ValueError("config.json: id2label must name the classes (it sets num_classes)")
-    kwargs = dict(num_classes=len(id2label), hidden_dim=config["d_model"],
+    kwargs = dict(num_classes=len(id2label), hidden_dim=_require(config, "d_model"),
                   nheads=_same(config, "encoder_attention_heads", "decoder_attention_heads"),
-                  enc_layers=config["encoder_layers"], dec_layers=config["decoder_layers"],
+                  enc_layers=_require(config, "encoder_layers"), dec_layers=_require(config, "decoder_layers"),
                   dim_feedforward=_same(config, "encoder_ffn_dim", "decoder_ffn_dim"),
-                  num_queries=config["num_queries"], aux_loss=bool(config.get("auxiliary_loss", False)))
+                  num_queries=_require(config, "num_queries"), aux_loss=bool(config.get("auxiliary_loss", False)))
     if model_type == "deformable_detr":
         levels = config.get("num_feature_levels", 4)
-        if config.get("two_stage") and config.get("two_stage_num_proposals") != config["num_queries"]:
+        if config.get("two_stage") and config.get("two_stage_num_proposals") != _require(config, "num_queries"):
             raise ValueError(f"config.json: two_stage_num_proposals ({config.get('two_stage_num_proposals')}) "
                              f"must equal num_queries ({config['num_queries']}) for the library's model")
-        kwargs.update(num_feature_levels=levels, enc_n_points=config["encoder_n_points"],
-                      dec_n_points=config["decoder_n_points"], two_stage=bool(config.get("two_stage")),
+        kwargs.update(num_feature_levels=levels, enc_n_points=_require(config, "encoder_n_points"),
+                      dec_n_points=_require(config, "decoder_n_points"), two_stage=bool(config.get("two_stage")),
                       with_box_refine=bool(config.get("with_box_refine")),
                       backbone=_backbone_name(config, (2, 3, 4) if levels > 1 else (4,)))
         return build_deformable_detr, kwargs

@@ -210,7 +210,8 @@ def test_mismatched_tensors_are_named(detr_folder, tmp_path):
         load_hf_checkpoint(bad)
     del_only = copy_folder(folder, tmp_path / "missing",
                            weights_changes=lambda w: w.pop("model.decoder.layers.1.fc2.bias"))
-    with pytest.raises(CheckpointMismatchError, match=r"missing key\(s\): transformer\.decoder\.layers\.1\.linear2\.bias"):
+    missing = r"missing key\(s\): transformer\.decoder\.layers\.1\.linear2\.bias"
+    with pytest.raises(CheckpointMismatchError, match=missing):
         load_hf_checkpoint(del_only)
     half_attention = copy_folder(folder, tmp_path / "qkv",
                                  weights_changes=lambda w: w.pop("model.encoder.layers.0.self_attn.k_proj.weight"))
@@ -227,9 +228,15 @@ def test_config_that_does_not_fit_the_weights(detr_folder, tmp_path):
     with pytest.raises(ValueError, match="encoder_attention_heads=4 and decoder_attention_heads=8 differ"):
         load_hf_checkpoint(heads)
     config = json.loads((folder / "config.json").read_text())
-    odd = copy_folder(folder, tmp_path / "odd", {"backbone_config": {**config["backbone_config"], "depths": [1, 1, 1, 1]}})
+    odd_resnet = {**config["backbone_config"], "depths": [1, 1, 1, 1]}
+    odd = copy_folder(folder, tmp_path / "odd", {"backbone_config": odd_resnet})
     with pytest.raises(ValueError, match=r"depths=\[1, 1, 1, 1\].* not a standard ResNet"):
         load_hf_checkpoint(odd)
+    config.pop("d_model")
+    copy_folder(folder, tmp_path / "no_width")
+    (tmp_path / "no_width" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json has no 'd_model'"):
+        load_hf_checkpoint(tmp_path / "no_width")
     gelu = copy_folder(folder, tmp_path / "gelu", {"activation_function": "gelu"})
     with pytest.raises(ValueError, match="activation_function 'gelu'"):
         load_hf_checkpoint(gelu)
