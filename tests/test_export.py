@@ -76,15 +76,18 @@ def test_command_exports_a_transformers_detr(tmp_path, capsys):
                                      decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4,
                                      num_labels=3)
     transformers.DetrForObjectDetection(config).save_pretrained(tmp_path / "hf")
-    assert main(["--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "detr.onnx"), "--size", "64", "96"]) == 0
+    out = str(tmp_path / "detr.onnx")
+    assert main(["--checkpoint", str(tmp_path / "hf"), "--out", out, "--size", "64", "96", "--dynamic"]) == 0
     assert "detr.onnx" in capsys.readouterr().out
-    images, _ = batch()
-    session = ort.InferenceSession(str(tmp_path / "detr.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
-    logits, boxes = session.run(None, {"images": images[:1].numpy()})
-    expected_logits, expected_boxes = eager(load_hf_checkpoint(tmp_path / "hf"), images[:1])
-    torch.testing.assert_close(torch.from_numpy(logits), expected_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, atol=1e-4, rtol=1e-4)
+    model = load_hf_checkpoint(tmp_path / "hf")
+    images, _ = batch()
+    for example in (images[:1], torch.randn(2, 3, 80, 112)):  # the example's size, then another batch and size
+        logits, boxes = session.run(None, {"images": example.numpy()})
+        expected_logits, expected_boxes = eager(model, example)
+        torch.testing.assert_close(torch.from_numpy(logits), expected_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_input_is_refused_before_export(tmp_path):
@@ -103,5 +106,9 @@ def test_bad_input_is_refused_before_export(tmp_path):
         export_onnx(model, images, tmp_path / "model.pt")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         export_onnx(model, images, tmp_path / "missing" / "model.onnx")
+    with pytest.raises(ValueError, match="dynamic=True supports DETR only"):
+        export_program(BUILDERS["deformable"](), images, mask, dynamic=True)
+    with pytest.raises(ValueError, match="batch of at least 2"):
+        export_program(model, images[:1], dynamic=True)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         main(["--checkpoint", str(tmp_path / "nothing.pth"), "--out", str(tmp_path / "m.onnx")])
