@@ -72,10 +72,6 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
     if spatial_shapes.shape[0] != levels:
         raise ValueError(f"spatial_shapes has {spatial_shapes.shape[0]} levels but "
                          f"sampling_locations has L = {levels}")
-    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-    if total != s:
-        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} sum to {total} positions "
-                         f"but value has S = {s}")
     if points == 0:
         raise ValueError("sampling_locations must hold at least one point per level, got P = 0")
     if tuple(attention_weights.shape) != (n, lq, m, levels, points):
@@ -84,6 +80,12 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, sampling_locations: Ten
     for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
         if t.device != value.device:
             raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+    if torch.compiler.is_exporting():  # the checks below read tensor values: eager mode only
+        return
+    total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+    if total != s:
+        raise ValueError(f"spatial_shapes {spatial_shapes.tolist()} sum to {total} positions "
+                         f"but value has S = {s}")
     for name, t in (("sampling_locations", sampling_locations), ("attention_weights", attention_weights),
                     ("value", value)):
         # one pass; NaN propagates to the min and max. value too: an off-map corner reads some
@@ -101,7 +103,7 @@ def _check_spatial_shapes(spatial_shapes: Tensor) -> None:
                          f"got {spatial_shapes.dtype} {tuple(spatial_shapes.shape)}")
     if spatial_shapes.shape[0] == 0:
         raise ValueError("spatial_shapes must hold at least one level, got shape (0, 2)")
-    if (spatial_shapes <= 0).any():
+    if not torch.compiler.is_exporting() and (spatial_shapes <= 0).any():  # data-dependent: eager only
         raise ValueError(f"spatial_shapes must be positive, got {spatial_shapes.tolist()}")
 
 
@@ -147,8 +149,10 @@ class _Bilinear:
         """``(N, Lq, M, 4, L, P)`` row of each corner in value viewed as ``(N·S·M, D)``:
         ``(n·S + level start + y·W + x)·M + head``. Corners off the map get some valid row
         (their weight is 0)."""
-        # intermediate rows stay below (n + 3)·s·m (near corners reach one row/column past the map)
-        itype = torch.int32 if (n + 3) * s * m < 2**31 else torch.int64
+        # intermediate rows stay below (n + 3)·s·m (near corners reach one row/column past the map);
+        # int64 when exporting: the ONNX translation of embedding_bag mixes int32 indices with int64 offsets
+        small = (n + 3) * s * m < 2**31 and not torch.compiler.is_exporting()
+        itype = torch.int32 if small else torch.int64
         # clamp first so far-off points cannot overflow the integer arithmetic
         x0, y0 = torch.minimum(self.near.clamp(min=-1), self.wh).to(itype).unbind(-1)
         width = spatial_shapes[:, 1, None].to(itype)  # (L, 1)

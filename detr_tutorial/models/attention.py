@@ -46,7 +46,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
     if attn_mask is not None:
         blocked = attn_mask if blocked is None else blocked | attn_mask
     if blocked is not None:
-        if blocked.all(dim=-1).any():
+        # reads tensor values, which torch.export cannot trace: eager mode only
+        if not torch.compiler.is_exporting() and blocked.all(dim=-1).any():
             raise ValueError("key_padding_mask/attn_mask block every key for some query; "
                              "its softmax would be NaN")
         scores = scores.masked_fill(blocked, float("-inf"))

@@ -112,6 +112,20 @@ class MSDeformAttn(nn.Module):
                              f"got {reference_points.shape[-1]}")
         return locations, weights
 
+    @staticmethod
+    def _check_spatial_shapes(spatial_shapes: Tensor, level_start: Tensor, s: int) -> None:
+        """Raise unless the levels' (H, W) sum to ``s`` positions and ``level_start`` fits them; these
+        checks read tensor values, which an exported graph cannot, so they run in eager mode only."""
+        if torch.compiler.is_exporting():
+            return
+        if int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != s:
+            raise ValueError(f"input_spatial_shapes {spatial_shapes.tolist()} do not sum "
+                             f"to the {s} positions of input_flatten")
+        expected_start = level_start_index(spatial_shapes)
+        if level_start.tolist() != expected_start.tolist():
+            raise ValueError(f"input_level_start_index must be {expected_start.tolist()} for "
+                             f"input_spatial_shapes {spatial_shapes.tolist()}, got {level_start.tolist()}")
+
     def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
                 input_spatial_shapes: Tensor, input_level_start_index: Tensor,
                 input_padding_mask: Tensor | None = None) -> Tensor:
@@ -147,14 +161,7 @@ class MSDeformAttn(nn.Module):
         if tuple(input_spatial_shapes.shape) != (self.n_levels, 2):
             raise ValueError(f"input_spatial_shapes must have shape ({self.n_levels}, 2), "
                              f"got {tuple(input_spatial_shapes.shape)}")
-        if int((input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum()) != s:
-            raise ValueError(f"input_spatial_shapes {input_spatial_shapes.tolist()} do not sum "
-                             f"to the {s} positions of input_flatten")
-        expected_start = level_start_index(input_spatial_shapes)
-        if input_level_start_index.tolist() != expected_start.tolist():
-            raise ValueError(f"input_level_start_index must be {expected_start.tolist()} for "
-                             f"input_spatial_shapes {input_spatial_shapes.tolist()}, "
-                             f"got {input_level_start_index.tolist()}")
+        self._check_spatial_shapes(input_spatial_shapes, input_level_start_index, s)
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             if not isinstance(input_padding_mask, Tensor) or input_padding_mask.dtype != torch.bool:

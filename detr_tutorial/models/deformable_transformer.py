@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,17 +111,20 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def get_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+    def get_reference_points(spatial_shapes: Tensor | Sequence[tuple[int, int]], ratios: Tensor) -> Tensor:
         """Centre of every pixel of every level, in the valid-image frame, then seen from each level.
 
         Args:
-            spatial_shapes: ``(L, 2)``; ratios: ``(B, L, 2)`` valid (w, h) ratios.
+            spatial_shapes: ``(L, 2)``, or the levels' (H, W) as Python ints (under ``torch.export`` a
+                tensor's values are unknown, the sizes of the feature maps are not);
+            ratios: ``(B, L, 2)`` valid (w, h) ratios.
 
         Returns:
             ``(B, S, L, 2)`` normalised (x, y).
         """
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        sizes = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
+        for lvl, (h, w) in enumerate(sizes):
             ys, xs = torch.meshgrid(torch.arange(h, dtype=ratios.dtype, device=ratios.device) + 0.5,
                                     torch.arange(w, dtype=ratios.dtype, device=ratios.device) + 0.5,
                                     indexing="ij")
@@ -130,9 +133,12 @@ class DeformableTransformerEncoder(nn.Module):
             refs.append(torch.stack([x, y], -1))
         return torch.cat(refs, 1)[:, :, None] * ratios[:, None]  # (B, S, L, 2)
 
-    def forward(self, src: Tensor, spatial_shapes: Tensor, level_start: Tensor, ratios: Tensor,
-                pos: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, src: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]], level_start: Tensor,
+                ratios: Tensor, pos: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """src, pos (B, S, d); spatial_shapes (L, 2) or L pairs (H, W); level_start (L,); ratios (B, L, 2);
+        padding_mask (B, S) -> (B, S, d)."""
         reference_points = self.get_reference_points(spatial_shapes, ratios)
+        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src.device)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start, padding_mask)
         return src
@@ -269,7 +275,8 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2·d_model) is required unless two_stage=True")
-        spatial_shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+        sizes = [tuple(s.shape[-2:]) for s in srcs]  # Python ints: torch.export traces them as sizes
+        spatial_shapes = torch.tensor(sizes, dtype=torch.long, device=srcs[0].device)
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, d)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
@@ -277,12 +284,12 @@ class DeformableTransformer(nn.Module):
         starts = level_start_index(spatial_shapes)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
         empty = (ratios == 0).any(-1)  # (B, L): no valid row or column on a level
-        if empty.any():
+        if not torch.compiler.is_exporting() and empty.any():  # data-dependent: eager only
             b, lvl = empty.nonzero()[0].tolist()
             raise ValueError(f"masks[{lvl}] marks image {b} of the batch as fully padded; every image needs "
                              "at least one valid (False) pixel on every level")
 
-        memory = self.encoder(src_flat, spatial_shapes, starts, ratios, pos_flat, mask_flat)
+        memory = self.encoder(src_flat, sizes, starts, ratios, pos_flat, mask_flat)
 
         b, _, c = memory.shape
         enc_class = enc_coord = None
