@@ -12,3 +12,4 @@ from .conditional_detr import ConditionalDETR, ConditionalTransformer, build_con
 from .conditional_layers import ConditionalDecoderLayer, ProjectionFreeAttention, sine_embed_points
 from .dab_detr import DABDETR, DABTransformer, build_dab_detr
 from .detr3d_geometry import box_corners, denormalize_bbox, feature_sampling, normalize_bbox, project_points
+from .detr3d import DETR3D, Detr3DCrossAtten, Detr3DDecoderLayer, build_detr3d
