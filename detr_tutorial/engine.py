@@ -122,6 +122,9 @@ class Trainer:
             :meth:`load_checkpoint`, or delete its files).
         callbacks: ``callback(trainer, record)`` after each epoch's record.
         progress: show tqdm progress bars.
+        evaluator: ``evaluator(model, val_loader, postprocess, classes, device) -> metrics``
+            replacing :func:`detr_tutorial.evaluation.evaluate_model` (COCO AP), e.g. DETR3D's
+            nuScenes-style mAP.
         run: what else defines the run (e.g. model name and data settings, as
             :func:`detr_tutorial.presets.make_trainer` passes); stored in the
             checkpoint, and a resumed run must match it.
@@ -135,7 +138,7 @@ class Trainer:
                  val_loader: Optional[Iterable] = None, postprocess: Optional[Callable] = None,
                  classes: Optional[Sequence[str]] = None, device: torch.device | str = "cpu",
                  out_dir: Optional[str | Path] = None, callbacks: Sequence[Callable] = (),
-                 progress: bool = True, run: Optional[dict] = None) -> None:
+                 progress: bool = True, run: Optional[dict] = None, evaluator: Optional[Callable] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainConfig):
@@ -153,6 +156,7 @@ class Trainer:
         self.forward_model: nn.Module = self.model  # the model's DDP wrapper under torchrun (see .distributed)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.postprocess, self.classes, self.config, self.run = postprocess, classes, config, run
+        self.evaluator = evaluate_model if evaluator is None else evaluator
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.callbacks, self.progress = list(callbacks), progress
         self.optimizer = build_optimizer(model, config)
@@ -229,10 +233,10 @@ class Trainer:
             any_rank(self.train_seconds - self._budget_start >= self.config.max_seconds)
 
     def evaluate(self) -> dict[str, float]:
-        """COCO metrics on ``val_loader``."""
+        """The evaluator's metrics (COCO AP by default) on ``val_loader``."""
         if self.val_loader is None:
             raise ValueError("evaluate needs a val_loader")
-        return evaluate_model(self.model, self.val_loader, self.postprocess, self.classes, self.device)
+        return self.evaluator(self.model, self.val_loader, self.postprocess, self.classes, self.device)
 
     def fit(self) -> list[dict]:
         """Train until ``config.epochs`` epochs (or ``max_seconds``); returns ``epoch_log``."""

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from .data import DataConfig, shapes_loaders
 from .data.coco_loaders import CocoConfig, coco_loaders
+from .detr3d_training import MultiViewConfig, evaluate_detr3d, multiview_loaders
 from .engine import TrainConfig, Trainer
 from .recipes import RECIPES, build_deformable_detr_training, build_detr_training
 
@@ -31,10 +32,11 @@ MODELS = RECIPES
 
 @dataclass(frozen=True)
 class Preset:
-    """Data, batch size, optimisation, and the builder arguments of each supported model."""
+    """Data (the shapes, or the multi-camera world for DETR3D), batch size, optimisation, and the builder
+    arguments of each supported model."""
 
     description: str
-    data: DataConfig
+    data: DataConfig | MultiViewConfig
     batch_size: int
     train: TrainConfig
     models: dict[str, dict] = field(default_factory=dict)
@@ -105,7 +107,7 @@ def get_preset(name: str, data: Optional[dict] = None, **train_overrides) -> Pre
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
-    for given, config in ((data or {}, DataConfig), (train_overrides, TrainConfig)):
+    for given, config in ((data or {}, type(preset.data)), (train_overrides, TrainConfig)):
         fields = [f.name for f in dataclasses.fields(config)]
         unknown = set(given) - set(fields)
         if unknown:
@@ -115,11 +117,14 @@ def get_preset(name: str, data: Optional[dict] = None, **train_overrides) -> Pre
 
 
 def build_loaders(preset: Preset) -> tuple[DataLoader, DataLoader, tuple[str, ...]]:
-    """The preset's data as ``(train, val, classes)`` loaders: :func:`detr_tutorial.data.shapes_loaders`, or
-    :func:`detr_tutorial.data.coco_loaders` for a COCO folder (see :func:`get_coco_preset`)."""
+    """The preset's data as ``(train, val, classes)`` loaders: :func:`detr_tutorial.data.shapes_loaders`,
+    :func:`detr_tutorial.data.coco_loaders` for a COCO folder (see :func:`get_coco_preset`), or
+    :func:`detr_tutorial.detr3d_training.multiview_loaders` for a ``MultiViewConfig``."""
     _check_preset(preset)
     if isinstance(preset.data, CocoConfig):
         return coco_loaders(preset.data, preset.batch_size)
+    if isinstance(preset.data, MultiViewConfig):
+        return multiview_loaders(preset.data, preset.batch_size)
     return shapes_loaders(preset.data, preset.batch_size)
 
 
@@ -139,7 +144,8 @@ def make_trainer(preset: Preset | str, model: str = "detr", device: str = "cpu",
     net, criterion, postprocess = MODELS[model](len(classes), **preset.models[model])
     return Trainer(net, criterion, train_loader, preset.train, val_loader=val_loader, postprocess=postprocess,
                    classes=classes, device=device, out_dir=out_dir, callbacks=callbacks, progress=progress,
-                   run=describe_run(preset, model))
+                   run=describe_run(preset, model),
+                   evaluator=evaluate_detr3d if isinstance(preset.data, MultiViewConfig) else None)
 
 
 def _check_preset(preset: object) -> None:
@@ -161,3 +167,46 @@ def get_coco_preset(name: str, data: CocoConfig, **train_overrides) -> Preset:
     if not isinstance(data, CocoConfig):
         raise TypeError(f"data must be a detr_tutorial.data.CocoConfig, got {type(data).__name__}")
     return dataclasses.replace(get_preset(name, **train_overrides), data=data)
+
+
+# DETR3D: the multi-camera world (``MultiViewConfig`` instead of the shapes' ``DataConfig``), a
+# CPU-sized model and DETR3D's own evaluation (nuScenes-style mAP by centre distance). The backbone's last three
+# stages sit at strides 4/8/16 of the 64 x 112 images (+32 from the extra conv): at strides 2/4/8 the backbone
+# took three quarters of a step. The world's objects stand 3-20 m away instead of 3-40 m: in two 5-minute probes
+# with everything else equal (a scratch centre-distance mAP on 200 held-out scenes, same thresholds) the near
+# world reached 0.048 after 125 steps, the far one 0.006 after 263, both with AP 0 at 0.5 and 1 m: the small model
+# learns depth and range slowest. ``detr3d_cpu`` (1200 steps) and ``detr3d_long`` (up to 4000) are recorded
+# command-line runs, stopped after 30 minutes of training at the latest; ``detr3d_live`` is a live-sized
+# schedule (600 steps: 3-4 minutes at the 0.3 s per step of a quiet 2-core machine), ``detr3d_tiny`` a smoke
+# test.
+_NEAR = MultiViewConfig(num_train=1200, num_val=200, distance=(3.0, 20.0))
+_DETR3D = dict(small_widths=(16, 32, 64, 64), small_strides=(2, 2, 2, 2), hidden_dim=64, nheads=4, dec_layers=3,
+               dim_feedforward=128, num_queries=30, dropout=0.0, num_levels=4, num_cams=6,
+               pc_range=_NEAR.dataset("val").pc_range, max_num=100)
+PRESETS["detr3d_cpu"] = Preset(
+    description="a mini DETR3D on the multi-camera world (objects 3-20 m away), recorded from the command line",
+    data=_NEAR,
+    batch_size=4,
+    train=TrainConfig(epochs=4, lr=2e-3, lr_backbone=2e-3, weight_decay=1e-2, lr_drop=3, warmup_steps=50,
+                      clip_max_norm=35.0, eval_every=1, max_seconds=1800.0),
+    models={"detr3d": dict(_DETR3D)},
+)
+# The same model and world on a schedule that fills the 30 minutes when the machine is quiet (4000 scenes, 4
+# epochs, about 0.35 s per step on one thread), cut at 30 minutes of training otherwise.
+PRESETS["detr3d_long"] = dataclasses.replace(
+    PRESETS["detr3d_cpu"], description="detr3d_cpu on 4000 scenes: up to 30 minutes of training, command line only",
+    data=dataclasses.replace(_NEAR, num_train=4000),
+    models={"detr3d": dict(_DETR3D)})
+PRESETS["detr3d_live"] = dataclasses.replace(
+    PRESETS["detr3d_cpu"], description="the mini DETR3D on a live-sized schedule (a few minutes on a quiet CPU)",
+    data=dataclasses.replace(_NEAR, num_train=2400),
+    train=dataclasses.replace(PRESETS["detr3d_cpu"].train, epochs=1, lr_drop=1, max_seconds=None),
+    models={"detr3d": dict(_DETR3D)})
+PRESETS["detr3d_tiny"] = Preset(
+    description="a DETR3D smoke test: a few steps on a handful of scenes with 4 small cameras",
+    data=MultiViewConfig(num_train=8, num_val=4, num_cams=4, image_hw=(32, 48), distance=(3.0, 20.0)),
+    batch_size=4,
+    train=TrainConfig(epochs=2, lr=1e-3, lr_backbone=1e-3, warmup_steps=1, eval_every=1),
+    models={"detr3d": dict(_DETR3D, small_widths=(8, 8, 16), small_strides=(2, 2, 2), hidden_dim=16, nheads=2,
+                           dec_layers=2, dim_feedforward=32, num_queries=6, num_cams=4)},
+)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from torch import nn
 
+from .detr3d_training import build_detr3d_training
 from .losses import SetCriterion
 from .matcher import HungarianMatcher
 from .models import build_conditional_detr, build_dab_detr, build_deformable_detr, build_detr
@@ -95,4 +96,5 @@ RECIPES: dict[str, Callable[..., tuple[nn.Module, nn.Module, Callable]]] = {
     "deformable_detr": build_deformable_detr_training,
     "conditional_detr": build_conditional_detr_training,
     "dab_detr": build_dab_detr_training,
+    "detr3d": build_detr3d_training,
 }

@@ -106,6 +106,11 @@ def project_points(points: Tensor, lidar2img: Tensor) -> tuple[Tensor, Tensor]:
     if points.dim() < 2 or points.shape[-1] != 3:
         raise ValueError(f"points must have shape (..., P, 3), got {tuple(points.shape)}")
     check_lidar2img(lidar2img)
+    return _project(points, lidar2img)
+
+
+def _project(points: Tensor, lidar2img: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`project_points` without the input checks."""
     homo = torch.cat([points, torch.ones_like(points[..., :1])], -1)  # (..., P, 4)
     cam = (lidar2img[..., None, :, :] @ homo[..., None, :, :, None]).squeeze(-1)  # (..., N, P, 4)
     depth = cam[..., 2]
@@ -140,7 +145,8 @@ def _check_sampling_inputs(mlvl_feats, reference_points, pc_range, lidar2img, im
 
 
 def feature_sampling(mlvl_feats: Sequence[Tensor], reference_points: Tensor, pc_range: Sequence[float],
-                     lidar2img: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+                     lidar2img: Tensor, image_size: tuple[int, int],
+                     validate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Sample every camera's features at the projection of each query's 3-D reference point.
 
     The computation of the official ``feature_sampling`` (``detr3d_transformer.py``): denormalise the
@@ -155,17 +161,21 @@ def feature_sampling(mlvl_feats: Sequence[Tensor], reference_points: Tensor, pc_
         lidar2img: ``(B, N, 4, 4)``.
         image_size: ``(H, W)`` in pixels of the images the features come from (the official code reads
             it from the first camera of the first sample).
+        validate: check the inputs (shapes, finite values, points in [0, 1], invertible ``lidar2img``).
+            A model that checked its inputs once per forward pass passes False in every layer: the
+            checks scan every feature map and cost more than the sampling on a CPU.
 
     Returns:
         ``ref3d (B, Q, 3)`` (a copy of ``reference_points``), ``sampled (B, C, Q, N, 1, L)`` and the
         boolean visibility ``mask (B, 1, Q, N, 1, 1)``.
     """
-    _check_sampling_inputs(mlvl_feats, reference_points, pc_range, lidar2img, image_size)
+    if validate:
+        _check_sampling_inputs(mlvl_feats, reference_points, pc_range, lidar2img, image_size)
     B, N, C = mlvl_feats[0].shape[:3]
     Q = reference_points.shape[1]
     lo = reference_points.new_tensor(pc_range[:3])
     points = reference_points * (reference_points.new_tensor(pc_range[3:]) - lo) + lo
-    uv, depth = project_points(points, lidar2img.to(points.dtype))  # (B, N, Q, 2), (B, N, Q)
+    uv, depth = _project(points, lidar2img.to(points.dtype))  # (B, N, Q, 2), (B, N, Q)
     grid = (uv / uv.new_tensor([image_size[1], image_size[0]]) - 0.5) * 2
     mask = (depth > DEPTH_EPS) & (grid > -1).all(-1) & (grid < 1).all(-1)  # (B, N, Q)
     grid = grid.reshape(B * N, Q, 1, 2)
