@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import padded_pair
 from detr_tutorial.export import export_onnx, export_program, main
 from detr_tutorial.models import build_deformable_detr, build_detr
 
@@ -13,12 +14,7 @@ BUILDERS = {"detr": lambda: build_detr(**SMALL),
 
 def batch():
     """Two 64x96 images, the second padded at the bottom and on the right (mask True on padding)."""
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, 64, 96)
-    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
-    mask[1, 48:] = True
-    mask[1, :, 72:] = True
-    return images, mask
+    return padded_pair(64, 96, 48, 72)
 
 
 def eager(model, images, mask=None):

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import padded_pair  # noqa: E402
 from detr_tutorial.checkpoints import CheckpointMismatchError  # noqa: E402
 from detr_tutorial.hub import load_hf_checkpoint  # noqa: E402
 from detr_tutorial.models import ConditionalDETR, DeformableDETR, DETR  # noqa: E402
@@ -57,12 +58,7 @@ def save_hf(folder, kind, resnet=RESNET18, **config):
 
 def images_and_masks():
     """Two images, the second padded on the right and at the bottom: (images, book mask, transformers mask)."""
-    torch.manual_seed(1)
-    images = torch.randn(2, 3, 96, 128)
-    padding = torch.zeros(2, 96, 128, dtype=torch.bool)
-    padding[1, 70:] = True
-    padding[1, :, 100:] = True
-    images[padding[:, None].expand_as(images)] = 0
+    images, padding = padded_pair(96, 128, 70, 100, zero_padding=True)
     return images, padding, (~padding).long()
 
 
