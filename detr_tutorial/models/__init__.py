@@ -13,3 +13,4 @@ from .conditional_layers import ConditionalDecoderLayer, ProjectionFreeAttention
 from .dab_detr import DABDETR, DABTransformer, build_dab_detr
 from .detr3d_geometry import box_corners, denormalize_bbox, feature_sampling, normalize_bbox, project_points
 from .dn_detr import DNDETR, build_dn_detr
+from .dino import DINO, build_dino

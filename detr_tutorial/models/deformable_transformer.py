@@ -94,9 +94,13 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+                spatial_shapes: Tensor, level_start: Tensor, padding_mask: Optional[Tensor] = None,
+                self_attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``self_attn_mask`` (Q, Q) bool, True = blocked: which queries may not see which (DINO's
+        denoising groups); None lets every query see every other."""
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                                            need_weights=False)[0]))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start,
                                padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
@@ -253,6 +257,30 @@ class DeformableTransformer(nn.Module):
         memory = memory.masked_fill(padding_mask[..., None] | ~keep, 0.0)
         return self.enc_output_norm(self.enc_output(memory)), proposals
 
+    def encode(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Flatten the levels (adding ``level_embed`` to the positions) and run the encoder.
+
+        Returns:
+            memory ``(B, S, d)``, padding mask ``(B, S)``, spatial_shapes ``(L, 2)``,
+            level_start_index ``(L,)`` and valid ratios ``(B, L, 2)``.
+        """
+        spatial_shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, d)
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
+                              for lvl, p in enumerate(pos_embeds)], 1)  # (B, S, d)
+        starts = level_start_index(spatial_shapes)
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
+        empty = (ratios == 0).any(-1)  # (B, L): no valid row or column on a level
+        if empty.any():
+            b, lvl = empty.nonzero()[0].tolist()
+            raise ValueError(f"masks[{lvl}] marks image {b} of the batch as fully padded; every image needs "
+                             "at least one valid (False) pixel on every level")
+
+        memory = self.encoder(src_flat, spatial_shapes, starts, ratios, pos_flat, mask_flat)
+        return memory, mask_flat, spatial_shapes, starts, ratios
+
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Optional[Tensor] = None) -> tuple[Tensor, ...]:
         """
@@ -269,20 +297,7 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2·d_model) is required unless two_stage=True")
-        spatial_shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
-        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, d)
-        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
-                              for lvl, p in enumerate(pos_embeds)], 1)  # (B, S, d)
-        starts = level_start_index(spatial_shapes)
-        ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
-        empty = (ratios == 0).any(-1)  # (B, L): no valid row or column on a level
-        if empty.any():
-            b, lvl = empty.nonzero()[0].tolist()
-            raise ValueError(f"masks[{lvl}] marks image {b} of the batch as fully padded; every image needs "
-                             "at least one valid (False) pixel on every level")
-
-        memory = self.encoder(src_flat, spatial_shapes, starts, ratios, pos_flat, mask_flat)
+        memory, mask_flat, spatial_shapes, starts, ratios = self.encode(srcs, masks, pos_embeds)
 
         b, _, c = memory.shape
         enc_class = enc_coord = None

@@ -1,0 +1,87 @@
+"""Make ``dino_reference.pt``: keys, parameter count and eval-mode outputs of the official DINO-4scale R50.
+
+Usage (from the repository root)::
+
+    python tests/data/make_dino_reference.py [DINO_REPO] [OUT]
+
+``DINO_REPO`` (default: ``$DINO_REPO``) is a clone (work tree or bare git directory) of IDEA-Research/DINO;
+HEAD is exported to a temporary directory and the model is built there by its own ``build_dino`` from
+``config/DINO/DINO_4scale.py`` (read with its ``SLConfig``; needs addict and yapf), on CPU: the run-time
+patches of ``make_dino_cdn_reference`` (``.cuda()`` kept on the CPU, package ``__init__`` files skipped)
+and the CUDA op ``MultiScaleDeformableAttention`` replaced by the repository's own
+``ms_deform_attn_core_pytorch``.
+
+Weights are not stored (the R50 model has 47 M parameters): ``fill_`` of ``make_conditional_dab_vectors``
+sets them from a seed in sorted key order, so the tests rebuild them in the library's model. Stored: the
+state-dict keys and shapes, the parameter counts, and the outputs in eval mode on ``padded_batch`` at
+``IMAGE_SIZE`` (DINO selects 900 proposals, so the four levels must hold at least 900 pixels): the last
+layer's logits, every layer's boxes, the first ``AUX_QUERIES`` logits of the earlier layers, and the
+``interm_outputs`` (logits of the first ``AUX_QUERIES`` proposals, all boxes).
+"""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import make_conditional_dab_vectors as base  # noqa: E402
+import make_dino_cdn_reference as cdn  # noqa: E402
+
+IMAGE_SIZE = (256, 320)  # 32·40 + 16·20 + 8·10 + 4·5 = 1700 encoder pixels >= 900
+
+
+def patch_deformable_op(root: Path) -> None:
+    """Import the official ``MSDeformAttnFunction`` with a stub for the compiled op, and make its ``apply``
+    call the repository's pure-PyTorch ``ms_deform_attn_core_pytorch``."""
+    sys.modules["MultiScaleDeformableAttention"] = types.ModuleType("MultiScaleDeformableAttention")
+    for name in ("models.dino", "models.dino.ops", "models.dino.ops.functions"):
+        package = types.ModuleType(name)  # skip the package __init__ files
+        package.__path__ = [str(root / name.replace(".", "/"))]
+        sys.modules[name] = package
+    from models.dino.ops.functions import ms_deform_attn_func as func
+    sys.modules["models.dino.ops.functions"].MSDeformAttnFunction = func.MSDeformAttnFunction
+    core = func.ms_deform_attn_core_pytorch
+    func.MSDeformAttnFunction.apply = staticmethod(
+        lambda value, shapes, start, locations, weights, im2col_step: core(value, shapes, locations, weights))
+
+
+def official_model(root: Path):
+    base.prepare_imports(root)
+    cdn.patch_cuda()
+    patch_deformable_op(root)
+    from models.dino.dino import build_dino
+    from util.slconfig import SLConfig
+    cfg = SLConfig.fromfile(str(root / "config/DINO/DINO_4scale.py"))
+    args = types.SimpleNamespace(**cfg._cfg_dict.to_dict(), device="cpu", backbone_dir=None)
+    return build_dino(args)[0]
+
+
+def run(root: Path) -> dict:
+    model = official_model(root)
+    out = {"state_dict_keys": [(k, tuple(v.shape)) for k, v in model.state_dict().items()],
+           "param_counts": {"total": sum(p.numel() for p in model.parameters()),
+                            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+           "seed": base.SEED, "image_size": IMAGE_SIZE, "aux_queries": base.AUX_QUERIES,
+           "num_queries": model.num_queries, "num_classes": model.num_classes}
+    base.fill_(model, base.SEED)
+    images, mask = base.padded_batch(size=IMAGE_SIZE)
+    from util.misc import NestedTensor
+    with torch.no_grad():
+        result = model.eval()(NestedTensor(images, mask))
+    out["official"] = base.model_outputs(result)
+    out["official"]["interm_logits"] = result["interm_outputs"]["pred_logits"][:, :base.AUX_QUERIES].clone()
+    out["official"]["interm_boxes"] = result["interm_outputs"]["pred_boxes"].clone()
+    out["official"]["interm_proposals"] = result["interm_outputs_for_matching_pre"]["pred_boxes"].clone()
+    out["output_keys"] = sorted(result)
+    return out
+
+
+def main() -> None:
+    cdn.main(run, __doc__, "DINO_REPO", "dino_reference.pt")
+
+
+if __name__ == "__main__":
+    main()
