@@ -168,12 +168,14 @@ class DINO(DeformableDETR):
         self.dn_box_noise_scale = dn_box_noise_scale
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None,
-                targets: Optional[Sequence[dict[str, Tensor]]] = None) -> dict:
+                targets: Optional[Sequence[dict[str, Tensor]]] = None,
+                generator: Optional[torch.Generator] = None) -> dict:
         """Detect objects; with ``targets`` in training mode, also denoise their noised copies.
 
         Args:
             images: ``(B, 3, H, W)``; mask: ``(B, H, W)`` True on padding (None = no padding);
-            targets: B dicts with ``labels (n,)`` and normalised ``boxes (n, 4)`` (used in training only).
+            targets: B dicts with ``labels (n,)`` and normalised ``boxes (n, 4)`` (used in training only);
+            generator: source of the denoising noise (default: the global generator, as official).
 
         Returns:
             dict with ``pred_logits (B, Q, K)``, ``pred_boxes (B, Q, 4)``, ``aux_outputs`` (earlier layers),
@@ -190,7 +192,7 @@ class DINO(DeformableDETR):
                 raise ValueError(f"targets must hold one dict per image ({images.shape[0]}), got {len(targets)}")
             dn_label, dn_bbox, attn_mask, dn_meta = prepare_for_cdn(
                 targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale, self.num_queries,
-                self.num_classes, self.transformer.d_model, self.label_enc)
+                self.num_classes, self.transformer.d_model, self.label_enc, generator)
         hs, references, hs_enc, ref_enc, init_box_proposal = self.transformer(srcs, masks, pos, dn_bbox,
                                                                               dn_label, attn_mask)
         hs = torch.cat([hs[:1] + self.label_enc.weight[0, 0] * 0.0, hs[1:]])  # label_enc in the graph always

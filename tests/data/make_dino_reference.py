@@ -13,9 +13,8 @@ and the CUDA op ``MultiScaleDeformableAttention`` replaced by the repository's o
 
 Weights are not stored (the R50 model has 47 M parameters): ``fill_`` of ``make_conditional_dab_vectors``
 sets them from a seed in sorted key order, so the tests rebuild them in the library's model. Stored: the
-state-dict keys and shapes, the parameter counts, and the outputs in eval mode on ``padded_batch`` at
-``IMAGE_SIZE`` (DINO selects 900 proposals, so the four levels must hold at least 900 pixels): the last
-layer's logits, every layer's boxes, the first ``AUX_QUERIES`` logits of the earlier layers, and the
+state-dict keys and shapes, the parameter counts, and the outputs in eval mode on ``dino_batch`` (DINO
+selects 900 proposals, so the four levels must hold at least 900 pixels): the last layer's logits, every layer's boxes, the first ``AUX_QUERIES`` logits of the earlier layers, and the
 ``interm_outputs`` (logits of the first ``AUX_QUERIES`` proposals, all boxes).
 """
 from __future__ import annotations
@@ -31,6 +30,24 @@ import make_conditional_dab_vectors as base  # noqa: E402
 import make_dino_cdn_reference as cdn  # noqa: E402
 
 IMAGE_SIZE = (256, 320)  # 32·40 + 16·20 + 8·10 + 4·5 = 1700 encoder pixels >= 900
+VALID = (224, 288)  # the second image's size inside the padding
+
+
+def dino_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images of ``IMAGE_SIZE``, the second ``VALID`` and padded: images (2, 3, H, W), mask (2, H, W).
+
+    The model runs in float64: the 900 selected proposals include pairs whose scores differ by ~1e-6, and
+    float32 rounding would swap them (a different anchor for a slot's learned content query) between
+    implementations and thread counts. Padded pixels all get the same proposal score (their memory is zeroed), so when the 900 selected
+    proposals include some, which of them fills which slot is up to ``topk``'s tie-breaking (it changes with
+    the thread count). Little padding keeps them out of the selection; ``run`` checks that it does."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, *IMAGE_SIZE, generator=g)
+    mask = torch.zeros(2, *IMAGE_SIZE, dtype=torch.bool)
+    mask[1, VALID[0]:] = True
+    mask[1, :, VALID[1]:] = True
+    images[mask[:, None].expand_as(images)] = 0
+    return images, mask
 
 
 def patch_deformable_op(root: Path) -> None:
@@ -67,15 +84,21 @@ def run(root: Path) -> dict:
            "seed": base.SEED, "image_size": IMAGE_SIZE, "aux_queries": base.AUX_QUERIES,
            "num_queries": model.num_queries, "num_classes": model.num_classes}
     base.fill_(model, base.SEED)
-    images, mask = base.padded_batch(size=IMAGE_SIZE)
+    images, mask = dino_batch()
     from util.misc import NestedTensor
     with torch.no_grad():
-        result = model.eval()(NestedTensor(images, mask))
+        result = model.double().eval()(NestedTensor(images.double(), mask))
+    result = {k: ({kk: vv.float() for kk, vv in v.items()} if isinstance(v, dict) else
+                  [{kk: vv.float() for kk, vv in a.items()} for a in v] if isinstance(v, list) else
+                  v if v is None else v.float()) for k, v in result.items()}
     out["official"] = base.model_outputs(result)
     out["official"]["interm_logits"] = result["interm_outputs"]["pred_logits"][:, :base.AUX_QUERIES].clone()
     out["official"]["interm_boxes"] = result["interm_outputs"]["pred_boxes"].clone()
     out["official"]["interm_proposals"] = result["interm_outputs_for_matching_pre"]["pred_boxes"].clone()
     out["output_keys"] = sorted(result)
+    padded = (out["official"]["interm_proposals"] == 1).all(-1).sum().item()
+    if padded:
+        raise RuntimeError(f"{padded} padded pixels among the selected proposals: their order is arbitrary")
     return out
 
 
