@@ -103,6 +103,9 @@ def test_batch_without_objects_trains():
     (out["pred_logits"].sum() + out["pred_boxes"].sum() + out["interm_outputs"]["pred_logits"].sum()).backward()
     assert model.label_enc.weight.grad is not None and model.label_enc.weight.grad.abs().sum() == 0
     assert model.transformer.tgt_embed.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model(images, mask)["pred_logits"].sum().backward()  # no targets at all: no denoising queries
+    assert model.label_enc.weight.grad is not None  # kept in the graph (for distributed training)
 
 
 def box_head_grads(model, heads):
