@@ -94,13 +94,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start: Tensor, padding_mask: Optional[Tensor] = None,
-                self_attn_mask: Optional[Tensor] = None) -> Tensor:
-        """``self_attn_mask`` (Q, Q) bool, True = blocked: which queries may not see which (DINO's
-        denoising groups); None lets every query see every other."""
+                spatial_shapes: Tensor, level_start: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
-                                                            need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, need_weights=False)[0]))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start,
                                padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
