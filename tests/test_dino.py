@@ -47,7 +47,8 @@ def eval_outputs(model, reference):
 
 
 def test_r50_layout_counts_and_eval_outputs_match_official(reference):
-    """Official keys and shapes (strict load), 46,893,182 parameters, eval outputs to 1e-4 with the same weights."""
+    """Official keys and shapes (strict load), 46,893,182 parameters, eval and training outputs to 1e-4 with the
+    same weights."""
     torch.manual_seed(0)
     model = build_dino()
     ours = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
@@ -60,6 +61,23 @@ def test_r50_layout_counts_and_eval_outputs_match_official(reference):
     assert sorted(out) == reference["output_keys"] and out["dn_meta"] is None
     for key, expected in reference["official"].items():
         torch.testing.assert_close(got[key], expected, atol=1e-4, rtol=0, msg=key)
+    check_training_outputs(model, reference["train"])
+
+
+def check_training_outputs(model, case):
+    """Training mode with denoising, the noise drawn from the same seeded global generator as official:
+    same slots, same matching and denoising outputs (label_enc in float32, as the official code fills it)."""
+    images, mask = DINO_MAKER.dino_batch()
+    model.label_enc.float()
+    torch.manual_seed(DINO_MAKER.TRAIN_SEED)
+    with torch.no_grad():
+        out = model.train()(images.double(), mask, case["targets"])
+    meta, known = out["dn_meta"], out["dn_meta"]["output_known_lbs_bboxes"]
+    assert (meta["pad_size"], meta["num_dn_group"]) == (case["pad_size"], case["num_dn_group"]) == (198, 33)
+    got = {"pred_logits": out["pred_logits"][:, :case["pred_logits"].shape[1]], "pred_boxes": out["pred_boxes"],
+           "known_logits": known["pred_logits"], "known_boxes": known["pred_boxes"]}
+    for key, value in got.items():
+        torch.testing.assert_close(value.float(), case[key], atol=1e-4, rtol=0, msg=key)
 
 
 def small_model(**kwargs):
@@ -156,3 +174,5 @@ def test_stored_reference_is_reproducible_from_the_clone(tmp_path, reference):
     assert fresh["state_dict_keys"] == reference["state_dict_keys"]
     for key, value in reference["official"].items():
         assert torch.equal(fresh["official"][key], value), key
+    for key in ("pred_logits", "pred_boxes", "known_logits", "known_boxes"):
+        assert torch.equal(fresh["train"][key], reference["train"][key]), key

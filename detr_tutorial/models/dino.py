@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..denoising import dn_post_process, prepare_for_cdn
 from .backbone import Joiner, build_backbone
+from .attention import MultiheadAttention
 from .conditional_layers import sine_embed_points
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer, DeformableTransformerDecoder, inverse_sigmoid
@@ -44,6 +45,16 @@ from .position_encoding import PositionEmbeddingSine
 __all__ = ["DINO", "DINOTransformer", "DINODecoder", "build_dino"]
 
 EPS = 1e-3  # DINO's inverse_sigmoid eps (util/misc.py)
+
+
+class MaskedSelfAttention(MultiheadAttention):
+    """The decoder layers' self-attention with a mask set by :class:`DINODecoder` before each pass: the
+    denoising groups (``attn_mask`` (T, T) bool, True = blocked), so Deformable DETR's layer is reused as is."""
+
+    attn_mask: Optional[Tensor] = None
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+        return super().forward(query, key, value, attn_mask=self.attn_mask, **kwargs)
 
 
 class DINODecoder(DeformableTransformerDecoder):
@@ -75,8 +86,8 @@ class DINODecoder(DeformableTransformerDecoder):
         for lid, layer in enumerate(self.layers):
             ref_input = reference_points[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]  # (B, T, L, 4)
             query_pos = self.ref_point_head(sine_embed_points(ref_input[:, :, 0], half))
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start, padding_mask,
-                        self_attn_mask=attn_mask)
+            layer.self_attn.attn_mask = attn_mask
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start, padding_mask)
             refined = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference_points, EPS)).sigmoid()
             reference_points = refined.detach()  # layer l+1 starts from a detached box ...
             references.append(refined)  # ... but predicts relative to the undetached one: look forward twice
@@ -98,7 +109,9 @@ class DINOTransformer(DeformableTransformer):
                          num_feature_levels, dec_n_points, enc_n_points, two_stage=True,
                          two_stage_num_proposals=num_queries)
         del self.pos_trans, self.pos_trans_norm  # DINO learns the content queries instead
-        self.decoder = DINODecoder(self.decoder.layers[0], num_decoder_layers, d_model)
+        layer = self.decoder.layers[0]
+        layer.self_attn = MaskedSelfAttention(d_model, nhead, dropout)
+        self.decoder = DINODecoder(layer, num_decoder_layers, d_model)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         self.enc_out_class_embed: Optional[nn.Module] = None
         self.enc_out_bbox_embed: Optional[nn.Module] = None

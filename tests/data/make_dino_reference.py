@@ -14,8 +14,9 @@ and the CUDA op ``MultiScaleDeformableAttention`` replaced by the repository's o
 Weights are not stored (the R50 model has 47 M parameters): ``fill_`` of ``make_conditional_dab_vectors``
 sets them from a seed in sorted key order, so the tests rebuild them in the library's model. Stored: the
 state-dict keys and shapes, the parameter counts, and the outputs in eval mode on ``dino_batch`` (DINO
-selects 900 proposals, so the four levels must hold at least 900 pixels): the last layer's logits, every layer's boxes, the first ``AUX_QUERIES`` logits of the earlier layers, and the
-``interm_outputs`` (logits of the first ``AUX_QUERIES`` proposals, all boxes).
+selects 900 proposals, so the four levels must hold at least 900 pixels): the last layer's logits, every
+layer's boxes, the first ``AUX_QUERIES`` logits of the earlier layers, and the ``interm_outputs`` (logits of
+the first ``AUX_QUERIES`` proposals, all boxes); and training-mode outputs with denoising (``train_case``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import make_dino_cdn_reference as cdn  # noqa: E402
 
 IMAGE_SIZE = (256, 320)  # 32·40 + 16·20 + 8·10 + 4·5 = 1700 encoder pixels >= 900
 VALID = (224, 288)  # the second image's size inside the padding
+TARGET_COUNTS, TRAIN_SEED = (3, 1), 7
 
 
 def dino_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,10 +98,31 @@ def run(root: Path) -> dict:
     out["official"]["interm_boxes"] = result["interm_outputs"]["pred_boxes"].clone()
     out["official"]["interm_proposals"] = result["interm_outputs_for_matching_pre"]["pred_boxes"].clone()
     out["output_keys"] = sorted(result)
+    out["train"] = train_case(model, images, mask)
     padded = (out["official"]["interm_proposals"] == 1).all(-1).sum().item()
     if padded:
         raise RuntimeError(f"{padded} padded pixels among the selected proposals: their order is arbitrary")
     return out
+
+
+def train_case(model, images: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Training mode (dropout is 0) with targets ``TARGET_COUNTS``, denoising noise from the global generator
+    seeded with ``TRAIN_SEED``: the first ``AUX_QUERIES`` matching logits, the last layer's boxes, and the
+    denoising slots' last-layer logits and boxes."""
+    from util.misc import NestedTensor
+    targets = cdn.make_targets(TARGET_COUNTS, TRAIN_SEED)
+    for t in targets:
+        t["labels"] = t["labels"] * 4  # spread over COCO's 91 ids
+    model.label_enc.float()  # the official prepare_for_cdn copies its rows into float32 zeros
+    torch.manual_seed(TRAIN_SEED)
+    with torch.no_grad():
+        result = model.train()(NestedTensor(images.double(), mask), targets)
+    meta = result["dn_meta"]
+    known = meta["output_known_lbs_bboxes"]
+    return {"targets": targets, "pad_size": meta["pad_size"], "num_dn_group": meta["num_dn_group"],
+            "pred_logits": result["pred_logits"][:, :base.AUX_QUERIES].float(),
+            "pred_boxes": result["pred_boxes"].float(),
+            "known_logits": known["pred_logits"].float(), "known_boxes": known["pred_boxes"].float()}
 
 
 def main() -> None:
