@@ -7,9 +7,11 @@ import pathlib
 import pytest
 import torch
 
+from detr_tutorial.denoising import dn_losses
 from detr_tutorial.models import DINO, build_deformable_detr, build_dino
 from test_conditional_detr import MAKER
 from test_denoising import regenerate
+from test_dn_detr import focal_criterion
 
 DATA = pathlib.Path(__file__).parent / "data"
 DINO_REPO = pathlib.Path(os.environ.get("DINO_REPO", "/work/.mirror/IDEA-Research+DINO/repo"))
@@ -88,7 +90,8 @@ def small_model(**kwargs):
 
 
 def batch():
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 32, 32, dtype=torch.bool)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return images, torch.zeros(2, 32, 32, dtype=torch.bool)
 
 
 def test_training_with_targets_adds_denoising_outputs_of_the_official_shapes():
@@ -109,6 +112,9 @@ def test_training_with_targets_adds_denoising_outputs_of_the_official_shapes():
     assert noised["interm_outputs"]["pred_boxes"].shape == (2, 8, 4)
     torch.testing.assert_close(noised["pred_logits"], plain["pred_logits"], atol=1e-5, rtol=0)
     torch.testing.assert_close(noised["pred_boxes"], plain["pred_boxes"], atol=1e-5, rtol=0)
+    losses = dn_losses(focal_criterion(5), noised, TARGETS)  # the denoising loss reads these outputs
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn", "loss_bbox_dn_1"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_bbox_dn"] > 0
 
 
 def test_batch_without_objects_trains():

@@ -33,7 +33,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..denoising import dn_post_process, prepare_for_cdn
+from .. import denoising  # a module, not its names: denoising imports models.deformable_transformer
 from .backbone import Joiner, build_backbone
 from .attention import MultiheadAttention
 from .conditional_layers import sine_embed_points
@@ -203,7 +203,7 @@ class DINO(DeformableDETR):
         if self.training and targets is not None:
             if len(targets) != images.shape[0]:
                 raise ValueError(f"targets must hold one dict per image ({images.shape[0]}), got {len(targets)}")
-            dn_label, dn_bbox, attn_mask, dn_meta = prepare_for_cdn(
+            dn_label, dn_bbox, attn_mask, dn_meta = denoising.prepare_for_cdn(
                 targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale, self.num_queries,
                 self.num_classes, self.transformer.d_model, self.label_enc, generator)
         hs, references, hs_enc, ref_enc, init_box_proposal = self.transformer(srcs, masks, pos, dn_bbox,
@@ -212,7 +212,7 @@ class DINO(DeformableDETR):
         boxes = torch.stack([(head(h) + inverse_sigmoid(ref, EPS)).sigmoid()
                              for head, h, ref in zip(self.bbox_embed, hs, references[:-1])])
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
-        logits, boxes = dn_post_process(logits, boxes, dn_meta, self.aux_loss)
+        logits, boxes = denoising.dn_post_process(logits, boxes, dn_meta, self.aux_loss)
         interm_class = self.transformer.enc_out_class_embed(hs_enc)
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                 "aux_outputs": [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])],

@@ -40,9 +40,9 @@ def dino_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
     The model runs in float64: the 900 selected proposals include pairs whose scores differ by ~1e-6, and
     float32 rounding would swap them (a different anchor for a slot's learned content query) between
-    implementations and thread counts. Padded pixels all get the same proposal score (their memory is zeroed), so when the 900 selected
-    proposals include some, which of them fills which slot is up to ``topk``'s tie-breaking (it changes with
-    the thread count). Little padding keeps them out of the selection; ``run`` checks that it does."""
+    implementations and thread counts. Padded pixels all get the same proposal score (their memory is
+    zeroed), so when the selection includes some, which of them fills which slot is up to ``topk``'s
+    tie-breaking; little padding keeps them out of the selection, and ``run`` checks that it does."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(2, 3, *IMAGE_SIZE, generator=g)
     mask = torch.zeros(2, *IMAGE_SIZE, dtype=torch.bool)
