@@ -14,3 +14,4 @@ from .dab_detr import DABDETR, DABTransformer, build_dab_detr
 from .detr3d_geometry import box_corners, denormalize_bbox, feature_sampling, normalize_bbox, project_points
 from .dn_detr import DNDETR, build_dn_detr
 from .detr3d import DETR3D, Detr3DCrossAtten, Detr3DDecoderLayer, build_detr3d
+from .dino import DINO, build_dino

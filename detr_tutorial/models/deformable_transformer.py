@@ -259,6 +259,31 @@ class DeformableTransformer(nn.Module):
         memory = memory.masked_fill(padding_mask[..., None] | ~keep, 0.0)
         return self.enc_output_norm(self.enc_output(memory)), proposals
 
+    def encode(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Flatten the levels (adding ``level_embed`` to the positions) and run the encoder.
+
+        Returns:
+            memory ``(B, S, d)``, padding mask ``(B, S)``, spatial_shapes ``(L, 2)``,
+            level_start_index ``(L,)`` and valid ratios ``(B, L, 2)``.
+        """
+        sizes = [tuple(s.shape[-2:]) for s in srcs]  # Python ints: torch.export traces them as sizes
+        spatial_shapes = torch.tensor(sizes, dtype=torch.long, device=srcs[0].device)
+        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, d)
+        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
+                              for lvl, p in enumerate(pos_embeds)], 1)  # (B, S, d)
+        starts = level_start_index(spatial_shapes)
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
+        empty = (ratios == 0).any(-1)  # (B, L): no valid row or column on a level
+        if not torch.compiler.is_exporting() and empty.any():  # data-dependent: eager only
+            b, lvl = empty.nonzero()[0].tolist()
+            raise ValueError(f"masks[{lvl}] marks image {b} of the batch as fully padded; every image needs "
+                             "at least one valid (False) pixel on every level")
+
+        memory = self.encoder(src_flat, sizes, starts, ratios, pos_flat, mask_flat)
+        return memory, mask_flat, spatial_shapes, starts, ratios
+
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Optional[Tensor] = None) -> tuple[Tensor, ...]:
         """
@@ -275,21 +300,7 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2·d_model) is required unless two_stage=True")
-        sizes = [tuple(s.shape[-2:]) for s in srcs]  # Python ints: torch.export traces them as sizes
-        spatial_shapes = torch.tensor(sizes, dtype=torch.long, device=srcs[0].device)
-        src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, d)
-        mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl]
-                              for lvl, p in enumerate(pos_embeds)], 1)  # (B, S, d)
-        starts = level_start_index(spatial_shapes)
-        ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (B, L, 2)
-        empty = (ratios == 0).any(-1)  # (B, L): no valid row or column on a level
-        if not torch.compiler.is_exporting() and empty.any():  # data-dependent: eager only
-            b, lvl = empty.nonzero()[0].tolist()
-            raise ValueError(f"masks[{lvl}] marks image {b} of the batch as fully padded; every image needs "
-                             "at least one valid (False) pixel on every level")
-
-        memory = self.encoder(src_flat, sizes, starts, ratios, pos_flat, mask_flat)
+        memory, mask_flat, spatial_shapes, starts, ratios = self.encode(srcs, masks, pos_embeds)
 
         b, _, c = memory.shape
         enc_class = enc_coord = None
