@@ -21,3 +21,15 @@ def padded_pair(height: int, width: int, first_padded_row: int, first_padded_col
     if zero_padding:
         images[mask[:, None].expand_as(images)] = 0
     return images, mask
+
+
+def load_data_script(name: str):
+    """``tests/data/<name>.py``, the script that made a stored reference, imported as a module (for its inputs,
+    weight filler and output layout)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent / "data" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

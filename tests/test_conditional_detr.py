@@ -1,11 +1,11 @@
 """Conditional DETR: official layout and outputs, the sine embedding of points, the conditional layer, errors."""
-import importlib.util
 import os
 import pathlib
 import subprocess
 
 import pytest
 import torch
+from conftest import load_data_script
 
 from detr_tutorial.models import (ConditionalDecoderLayer, ConditionalDETR, ProjectionFreeAttention,
                                   build_conditional_detr, sine_embed_points)
@@ -19,16 +19,7 @@ DATA = pathlib.Path(__file__).parent / "data"
 CONDITIONAL_REPO = pathlib.Path(os.environ.get("CONDITIONAL_DETR_REPO", "/work/.mirror/Atten4Vis+ConditionalDETR/repo"))
 
 
-def load_maker():
-    """The script that made the stored vectors (for its weight filler, inputs and output layout)."""
-    spec = importlib.util.spec_from_file_location("make_conditional_dab_vectors",
-                                                  DATA / "make_conditional_dab_vectors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MAKER = load_maker()
+MAKER = load_data_script("make_conditional_dab_vectors")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """DINO-4scale: official layout and eval outputs, denoising in training, look forward twice."""
 import copy
-import importlib.util
 import os
 import pathlib
 
 import pytest
 import torch
+from conftest import load_data_script
 
 from detr_tutorial.denoising import dn_losses
 from detr_tutorial.models import DINO, build_deformable_detr, build_dino
@@ -19,15 +19,7 @@ TARGETS = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.
            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
 
 
-def load_dino_maker():
-    """The script that made the stored outputs (for its input batch)."""
-    spec = importlib.util.spec_from_file_location("make_dino_reference", DATA / "make_dino_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-DINO_MAKER = load_dino_maker()
+DINO_MAKER = load_data_script("make_dino_reference")
 
 
 @pytest.fixture(scope="module")
