@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import padded_pair  # noqa: E402
 from detr_tutorial.checkpoints import CheckpointMismatchError  # noqa: E402
 from detr_tutorial.hub import load_hf_checkpoint  # noqa: E402
-from detr_tutorial.models import ConditionalDETR, DeformableDETR, DETR  # noqa: E402
+from detr_tutorial.models import DABDETR, ConditionalDETR, DeformableDETR, DETR  # noqa: E402
 from detr_tutorial.run_dir import CheckpointError  # noqa: E402
 
 SMALL = dict(use_timm_backbone=False, use_pretrained_backbone=False, num_queries=5, d_model=32, encoder_layers=1,
@@ -29,7 +29,7 @@ def randomise(model, seed=0):
         for name, t in model.state_dict().items():
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif "query_position_embeddings" in name:  # as nn.Embedding's default: queries far apart
+            elif "query_position_embeddings" in name or "query_refpoint_embeddings" in name:  # as nn.Embedding's default: queries far apart
                 t.copy_(torch.randn(t.shape, generator=g))
             elif t.is_floating_point() and t.dim() >= 2:
                 t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
@@ -46,8 +46,11 @@ def save_hf(folder, kind, resnet=RESNET18, **config):
         "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection", ["stage4"]),
         "deformable_detr": ("DeformableDetrConfig", "DeformableDetrForObjectDetection",
                             ["stage2", "stage3", "stage4"]),
+        "dab-detr": ("DabDetrConfig", "DabDetrForObjectDetection", ["stage4"]),
     }[kind]
     options = {**SMALL, **config}
+    if kind == "dab-detr":  # transformers' DAB-DETR calls the width hidden_size
+        options["hidden_size"] = options.pop("d_model")
     if kind == "deformable_detr":
         options.update(encoder_n_points=2, decoder_n_points=2)
     backbone = transformers.ResNetConfig(**resnet, out_features=levels)
@@ -154,6 +157,31 @@ def test_conditional_detr(tmp_path):
     model = load_hf_checkpoint(tmp_path)
     assert isinstance(model, ConditionalDETR)
     assert_same_outputs(hf_model, model)
+
+
+@pytest.mark.parametrize("options", [{}, {"random_refpoints_xy": True, "activation_function": "relu"}])
+def test_dab_detr(tmp_path, options):
+    """transformers' DAB-DETR (tied box heads saved once, PReLU slopes, per-block layer names) -> the book's."""
+    hf_model = save_hf(tmp_path, "dab-detr", **options)
+    model = load_hf_checkpoint(tmp_path)
+    assert isinstance(model, DABDETR) and model.num_classes == 3
+    assert model.transformer.decoder.bbox_embed is model.bbox_embed
+    assert isinstance(model.transformer.encoder.layers[0].activation, torch.nn.PReLU) == (not options)
+    assert_same_outputs(hf_model, model)
+
+
+def test_dab_detr_options_the_library_lacks(tmp_path):
+    folder = tmp_path / "dab"
+    save_hf(folder, "dab-detr", decoder_layers=1)
+    for change, message in [({"keep_query_pos": True}, "keep_query_pos=True"),
+                            ({"num_patterns": 3}, "num_patterns=3"),
+                            ({"normalize_before": True}, "normalize_before=True"),
+                            ({"temperature_width": 10}, "temperature_height=20 and temperature_width=10 differ"),
+                            ({"sine_position_embedding_scale": 1.0}, "sine_position_embedding_scale=1.0"),
+                            ({"activation_function": "gelu"}, "activation_function 'gelu'")]:
+        bad = copy_folder(folder, tmp_path / str(len(list(tmp_path.iterdir()))), change)
+        with pytest.raises(ValueError, match=re.escape(f"{bad / 'config.json'}: {message}")):
+            load_hf_checkpoint(bad)
 
 
 def test_missing_and_broken_files(detr_folder, tmp_path):
