@@ -8,56 +8,11 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import padded_pair  # noqa: E402
+from conftest import HF_RESNET18, padded_pair, save_hf  # noqa: E402
 from detr_tutorial.checkpoints import CheckpointMismatchError  # noqa: E402
 from detr_tutorial.hub import load_hf_checkpoint  # noqa: E402
 from detr_tutorial.models import DABDETR, ConditionalDETR, DeformableDETR, DETR  # noqa: E402
 from detr_tutorial.run_dir import CheckpointError  # noqa: E402
-
-SMALL = dict(use_timm_backbone=False, use_pretrained_backbone=False, num_queries=5, d_model=32, encoder_layers=1,
-             decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
-             decoder_attention_heads=4, num_labels=3)
-RESNET18 = dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512])
-
-
-def randomise(model, seed=0):
-    """Redraw every tensor, BatchNorm statistics included, so that each one changes the outputs (a fresh
-    model has identity BatchNorm statistics, zero-initialised box heads and nearly equal queries):
-    weights ~ N(0, 1/fan_in), vectors perturbed by N(0, 0.1), running variances in [0.5, 1.5)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif "query_position_embeddings" in name or "query_refpoint_embeddings" in name:  # as nn.Embedding's default: queries far apart
-                t.copy_(torch.randn(t.shape, generator=g))
-            elif t.is_floating_point() and t.dim() >= 2:
-                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-            elif t.is_floating_point():
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
-    return model
-
-
-def save_hf(folder, kind, resnet=RESNET18, **config):
-    """Build, randomise and save a small transformers model of ``kind``; returns it in eval mode."""
-    torch.manual_seed(0)
-    config_cls, model_cls, levels = {
-        "detr": ("DetrConfig", "DetrForObjectDetection", ["stage4"]),
-        "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection", ["stage4"]),
-        "deformable_detr": ("DeformableDetrConfig", "DeformableDetrForObjectDetection",
-                            ["stage2", "stage3", "stage4"]),
-        "dab-detr": ("DabDetrConfig", "DabDetrForObjectDetection", ["stage4"]),
-    }[kind]
-    options = {**SMALL, **config}
-    if kind == "dab-detr":  # transformers' DAB-DETR calls the width hidden_size
-        options["hidden_size"] = options.pop("d_model")
-    if kind == "deformable_detr":
-        options.update(encoder_n_points=2, decoder_n_points=2)
-    backbone = transformers.ResNetConfig(**resnet, out_features=levels)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(backbone_config=backbone, **options))
-    randomise(model).save_pretrained(folder)
-    return model.eval()
-
 
 def images_and_masks():
     """Two images, the second padded on the right and at the bottom: (images, book mask, transformers mask)."""
@@ -206,7 +161,7 @@ def test_missing_and_broken_files(detr_folder, tmp_path):
 
 def test_another_architecture(tmp_path):
     torch.manual_seed(0)
-    transformers.ResNetForImageClassification(transformers.ResNetConfig(**RESNET18)).save_pretrained(tmp_path)
+    transformers.ResNetForImageClassification(transformers.ResNetConfig(**HF_RESNET18)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model_type 'resnet' is not one the library builds"):
         load_hf_checkpoint(tmp_path)
 
