@@ -1,4 +1,4 @@
-"""Exporting DETR and Deformable DETR with torch.export and to ONNX (run with onnxruntime)."""
+"""Exporting DETR, Deformable DETR, Conditional DETR and DAB-DETR with torch.export and to ONNX (onnxruntime)."""
 import re
 
 import pytest
@@ -7,13 +7,14 @@ import torch
 from conftest import broken_hf_folders, padded_pair, save_hf
 from detr_tutorial.export import export_onnx, export_program, load_for_export, main
 from detr_tutorial.hub import load_hf_checkpoint
-from detr_tutorial.models import build_deformable_detr, build_detr
+from detr_tutorial.models import build_conditional_detr, build_dab_detr, build_deformable_detr, build_detr
 from detr_tutorial.presets import get_preset, make_trainer
 
 SMALL = dict(backbone="small", num_classes=3, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=5)
 BUILDERS = {"detr": lambda: build_detr(**SMALL),
-            "deformable": lambda: build_deformable_detr(**SMALL, enc_n_points=2, dec_n_points=2)}
+            "deformable": lambda: build_deformable_detr(**SMALL, enc_n_points=2, dec_n_points=2),
+            "conditional": lambda: build_conditional_detr(**SMALL), "dab": lambda: build_dab_detr(**SMALL)}
 
 
 def batch():
