@@ -43,6 +43,7 @@ from .run_dir import CheckpointError
 
 __all__ = ["load_hf_checkpoint", "load_hf_folder", "read_hf_checkpoint", "hf_model_kwargs", "convert_hf_state_dict"]
 
+
 def read_hf_checkpoint(folder: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """The ``config.json`` (a dict) and ``model.safetensors`` (name -> tensor) of a saved folder.
 
@@ -121,14 +122,14 @@ def _backbone_name(config: dict, levels: tuple[int, ...]) -> str:
 
 def _dab_kwargs(config: dict) -> dict:
     """The arguments of ``build_dab_detr`` that DAB-DETR's config adds, refusing the options of
-    ``transformers``' DAB-DETR that the library's (the official default) model does not have."""
+    ``transformers``' DAB-DETR that the library's model (the official default one) does not have."""
     unsupported = {"num_patterns": 0, "keep_query_pos": False, "normalize_before": False, "query_dim": 4}
     for key, default in unsupported.items():
         if config.get(key, default) != default:
             raise ValueError(f"config.json: {key}={config[key]!r}; the library's DAB-DETR is built with "
                              f"{key}={default!r} only (the official default)")
     scale = config.get("sine_position_embedding_scale")
-    if scale is not None and abs(scale - 2 * math.pi) > 1e-6:
+    if scale is not None and not (isinstance(scale, (int, float)) and abs(scale - 2 * math.pi) < 1e-6):
         raise ValueError(f"config.json: sine_position_embedding_scale={scale}; the library's positions use 2 pi")
     return dict(pe_temperature=_same(config, "temperature_height", "temperature_width"),
                 activation=config.get("activation_function", "prelu"), backbone=_backbone_name(config, (4,)),

@@ -123,6 +123,9 @@ def test_dab_detr(tmp_path, options):
     assert model.transformer.decoder.bbox_embed is model.bbox_embed
     assert isinstance(model.transformer.encoder.layers[0].activation, torch.nn.PReLU) == (not options)
     assert_same_outputs(hf_model, model)
+    if not options:  # timm's ResNet, DabDetrConfig's default backbone (use_timm_backbone=True)
+        as_timm_layout(tmp_path, tmp_path / "timm")
+        assert_same_outputs(hf_model, load_hf_checkpoint(tmp_path / "timm"))
 
 
 def test_dab_detr_options_the_library_lacks(tmp_path):
