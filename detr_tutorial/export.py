@@ -11,7 +11,8 @@ images to that size and pass the padding mask); for DETR, ``dynamic=True`` (``--
 them free. Input checks that read tensor values (a mask
 that hides a whole image, for example) cannot be part of a traced graph; the models skip them
 while ``torch.compiler.is_exporting()``, and :func:`check_example` runs them eagerly on the
-example instead. Command line::
+example instead. The command reads every checkpoint ``python -m detr_tutorial.predict`` reads (a run
+folder, an official ``.pth``, a ``transformers`` folder), through the same loader::
 
     python -m detr_tutorial.export --checkpoint facebook-detr-resnet-50/ --out detr.onnx --size 800 1066
 """
@@ -27,6 +28,7 @@ from torch.export import Dim
 
 from .models import DETR
 from .models.backbone import check_images_and_mask
+from .predict import load_predictor
 
 __all__ = ["Detections", "check_example", "export_program", "export_onnx", "load_for_export", "main"]
 
@@ -97,23 +99,17 @@ def export_onnx(model: nn.Module, images: Tensor, path: str | Path, mask: Option
 
 
 def load_for_export(checkpoint: str | Path) -> nn.Module:
-    """A model from a ``transformers`` folder (config.json + model.safetensors) or an official DETR-R50
-    ``.pth`` (``detr-r50-e632da11.pth``, loaded into ``build_detr()``)."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        from .hub import load_hf_checkpoint
-        return load_hf_checkpoint(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint file or folder")
-    from .checkpoints import load_official_detr
-    from .models import build_detr
-    return load_official_detr(build_detr(), checkpoint)
+    """The model of any checkpoint :func:`detr_tutorial.predict.load_predictor` reads (the same loader): a run
+    folder or a trainer's ``checkpoint.pth``, an official DETR ``.pth`` (architecture read from its weights) or a
+    ``transformers`` folder (config.json + model.safetensors), in eval mode on the CPU."""
+    return load_predictor(checkpoint).model.eval()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detr_tutorial.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="a transformers folder (config.json + model.safetensors) or an official DETR-R50 .pth")
+                        help="what predict reads: a run folder or its checkpoint.pth, an official DETR .pth, or a "
+                             "transformers folder (config.json + model.safetensors)")
     parser.add_argument("--out", required=True, help="the ONNX file to write (.onnx)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1066), metavar=("HEIGHT", "WIDTH"),
                         help="the fixed input size of the exported graph (default 800 1066)")
@@ -125,10 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch < 1 or min(args.size) < 1:
-        raise SystemExit(f"--batch and --size must be positive, got {args.batch} and {list(args.size)}")
-    model = load_for_export(args.checkpoint)
+        parser.error(f"--batch and --size must be positive, got {args.batch} and {list(args.size)}")
+    try:
+        model = load_for_export(args.checkpoint)
+    except (ValueError, FileNotFoundError) as error:  # each names the file
+        parser.error(f"--checkpoint: {error}")
     example = torch.zeros(max(args.batch, 2) if args.dynamic else args.batch, 3, *args.size)
     path = export_onnx(model, example, args.out, dynamic=args.dynamic)
     shape = "(B, 3, H, W)" if args.dynamic else str(tuple(example.shape))

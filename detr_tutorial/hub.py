@@ -3,8 +3,9 @@
 Most DETR weights circulate as a ``transformers`` folder: ``config.json`` (the architecture) and
 ``model.safetensors`` (the tensors), as ``DetrForObjectDetection.save_pretrained`` writes them and
 as the hub serves ``facebook/detr-resnet-50``. ``load_hf_checkpoint(folder)`` reads the config,
-builds the matching model (``build_detr``, ``build_deformable_detr``, ``build_conditional_detr``)
-and renames the tensors to the official names the library uses, for example::
+builds the matching model (``build_detr``, ``build_deformable_detr``, ``build_conditional_detr``,
+``build_dab_detr``) and renames the tensors to the official names the library uses
+(:mod:`detr_tutorial.hub_rules`), for example::
 
     model.encoder.layers.0.self_attn.{q,k,v}_proj.weight -> transformer.encoder.layers.0.self_attn.in_proj_weight
     model.decoder.layers.0.fc1.weight                    -> transformer.decoder.layers.0.linear1.weight
@@ -17,79 +18,30 @@ timm's ResNet (``use_timm_backbone: true``), whose names are torchvision's
 (``...model.encoder.stages.0.layers.0.layer.0.convolution.weight``). Both become the
 ``backbone.0.body.*`` names of the library's torchvision ResNet. Nothing is loaded unless every
 tensor finds its place: unknown, missing and misshapen tensors are named in the error.
+
+DAB-DETR (``model_type: "dab-detr"``, ``DabDetrForObjectDetection``) is the official default model:
+``num_patterns``, ``keep_query_pos``, ``normalize_before`` and a ``query_dim`` other than 4 are refused;
+``random_refpoints_xy`` only initialises the anchors, so their saved values load. One numerical
+difference remains: ``transformers`` clamps ``inverse_sigmoid`` at 1e-5, the official code and the
+library at 1e-3, so an anchor or box coordinate within 1e-3 of 0 or 1 gives slightly different boxes.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .checkpoints import CheckpointMismatchError, check_state_dict
-from .models import build_conditional_detr, build_deformable_detr, build_detr
+from .hub_rules import RESNETS, RULES
+from .models import build_conditional_detr, build_dab_detr, build_deformable_detr, build_detr
 from .run_dir import CheckpointError
 
-__all__ = ["load_hf_checkpoint", "read_hf_checkpoint", "hf_model_kwargs", "convert_hf_state_dict"]
-
-# transformers ResNet (layer type, depths) -> torchvision name
-_RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
-            ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101"}
-
-# renames shared by every architecture: backbone, position embedding, FFN, attention output
-_COMMON = [
-    (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),
-    (r"^backbone\.0\.body\.embedder\.embedder\.convolution\.", "backbone.0.body.conv1."),
-    (r"^backbone\.0\.body\.embedder\.embedder\.normalization\.", "backbone.0.body.bn1."),
-    (r"^backbone\.0\.body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.",
-     lambda m: f"backbone.0.body.layer{int(m[1]) + 1}.{m[2]}.downsample.0."),
-    (r"^backbone\.0\.body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.",
-     lambda m: f"backbone.0.body.layer{int(m[1]) + 1}.{m[2]}.downsample.1."),
-    (r"^backbone\.0\.body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.",
-     lambda m: f"backbone.0.body.layer{int(m[1]) + 1}.{m[2]}.conv{int(m[3]) + 1}."),
-    (r"^backbone\.0\.body\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.",
-     lambda m: f"backbone.0.body.layer{int(m[1]) + 1}.{m[2]}.bn{int(m[3]) + 1}."),
-    (r"^model\.(backbone\.)?position_embedding\.row_embeddings\.", "backbone.1.row_embed."),
-    (r"^model\.(backbone\.)?position_embedding\.column_embeddings\.", "backbone.1.col_embed."),
-    (r"^model\.query_position_embeddings\.", "query_embed."),
-    (r"^model\.(encoder|decoder)\.layers\.", r"transformer.\1.layers."),
-    (r"\.(mlp\.)?fc1\.", ".linear1."),
-    (r"\.(mlp\.)?fc2\.", ".linear2."),
-    (r"\.o_proj\.", ".out_proj."),
-    (r"^(transformer\.encoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
-    (r"^(transformer\.encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
-]
-
-
-
-def _dense_decoder(cross_attn: str) -> list:
-    """Renames of DETR's and Conditional DETR's heads and post-norm decoder, whose cross-attention is
-    called ``cross_attn`` in the library."""
-    return _COMMON + [
-        (r"^model\.input_projection\.", "input_proj."),
-        (r"^class_labels_classifier\.", "class_embed."),
-        (r"^bbox_predictor\.", "bbox_embed."),
-        (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
-        (r"^model\.decoder\.(query_scale|ref_point_head)\.", r"transformer.decoder.\1."),
-        (r"^(transformer\.decoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
-        (r"^(transformer\.decoder\.layers\.\d+)\.encoder_attn\.", rf"\1.{cross_attn}."),
-        (r"^(transformer\.decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.norm2."),
-        (r"^(transformer\.decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
-    ]
-
-
-_DEFORMABLE = _COMMON + [  # the official decoder layer: norm1 after cross-attention, norm2 after self-attention
-    (r"^model\.input_proj\.", "input_proj."),
-    (r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b",
-     r"transformer.\1"),
-    (r"^model\.decoder\.(class_embed|bbox_embed)\.", r"transformer.decoder.\1."),  # box refinement's heads
-    (r"^(transformer\.decoder\.layers\.\d+)\.encoder_attn\.", r"\1.cross_attn."),
-    (r"^(transformer\.decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.norm1."),
-    (r"^(transformer\.decoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm2."),
-    (r"^(transformer\.decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
-]
+__all__ = ["load_hf_checkpoint", "load_hf_folder", "read_hf_checkpoint", "hf_model_kwargs", "convert_hf_state_dict"]
 
 
 def read_hf_checkpoint(folder: str | Path) -> tuple[dict, dict[str, Tensor]]:
@@ -154,7 +106,7 @@ def _backbone_name(config: dict, levels: tuple[int, ...]) -> str:
     if sub.get("model_type") != "resnet":
         raise ValueError(f"config.json: backbone_config.model_type {sub.get('model_type')!r} is not "
                          f"supported; the library's backbones are ResNets")
-    name = _RESNETS.get((sub.get("layer_type"), tuple(sub.get("depths", ()))))
+    name = RESNETS.get((sub.get("layer_type"), tuple(sub.get("depths", ()))))
     width = 64 if sub.get("layer_type") == "basic" else 256
     if (name is None or sub.get("embedding_size", 64) != 64 or sub.get("downsample_in_bottleneck")
             or list(sub.get("hidden_sizes", [])) != [width * 2 ** i for i in range(4)]):
@@ -168,23 +120,43 @@ def _backbone_name(config: dict, levels: tuple[int, ...]) -> str:
     return name
 
 
+def _dab_kwargs(config: dict) -> dict:
+    """The arguments of ``build_dab_detr`` that DAB-DETR's config adds, refusing the options of
+    ``transformers``' DAB-DETR that the library's model (the official default one) does not have."""
+    unsupported = {"num_patterns": 0, "keep_query_pos": False, "normalize_before": False, "query_dim": 4}
+    for key, default in unsupported.items():
+        if config.get(key, default) != default:
+            raise ValueError(f"config.json: {key}={config[key]!r}; the library's DAB-DETR is built with "
+                             f"{key}={default!r} only (the official default)")
+    scale = config.get("sine_position_embedding_scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and abs(scale - 2 * math.pi) < 1e-6):
+        raise ValueError(f"config.json: sine_position_embedding_scale={scale}; the library's positions use 2 pi")
+    return dict(pe_temperature=_same(config, "temperature_height", "temperature_width"),
+                activation=config.get("activation_function", "prelu"), backbone=_backbone_name(config, (4,)),
+                dilation=bool(config.get("dilation")))
+
+
 def hf_model_kwargs(config: dict) -> tuple[Callable[..., nn.Module], dict]:
     """The library's builder and its keyword arguments for a ``transformers`` config dict."""
     model_type = config.get("model_type")
-    if model_type not in ("detr", "deformable_detr", "conditional_detr"):
+    if model_type not in RULES:
         raise ValueError(f"config.json: model_type {model_type!r} is not one the library builds "
-                         f"(detr, deformable_detr, conditional_detr)")
-    if config.get("activation_function", "relu") != "relu":
+                         f"({', '.join(RULES)})")
+    activations = ("prelu", "relu") if model_type == "dab-detr" else ("relu",)
+    if config.get("activation_function", activations[0]) not in activations:
         raise ValueError(f"config.json: activation_function {config['activation_function']!r}; "
-                         f"the library's models use 'relu'")
+                         f"the library's {model_type} uses {' or '.join(map(repr, activations))}")
     id2label = config.get("id2label")
     if not isinstance(id2label, dict) or not id2label:
         raise ValueError("config.json: id2label must name the classes (it sets num_classes)")
-    kwargs = dict(num_classes=len(id2label), hidden_dim=_require(config, "d_model"),
+    width = "hidden_size" if model_type == "dab-detr" else "d_model"
+    kwargs = dict(num_classes=len(id2label), hidden_dim=_require(config, width),
                   nheads=_same(config, "encoder_attention_heads", "decoder_attention_heads"),
                   enc_layers=_require(config, "encoder_layers"), dec_layers=_require(config, "decoder_layers"),
                   dim_feedforward=_same(config, "encoder_ffn_dim", "decoder_ffn_dim"),
                   num_queries=_require(config, "num_queries"), aux_loss=bool(config.get("auxiliary_loss", False)))
+    if model_type == "dab-detr":
+        return build_dab_detr, {**kwargs, **_dab_kwargs(config)}
     if model_type == "deformable_detr":
         levels = config.get("num_feature_levels", 4)
         if config.get("two_stage") and config.get("two_stage_num_proposals") != _require(config, "num_queries"):
@@ -220,8 +192,7 @@ def convert_hf_state_dict(weights: dict[str, Tensor], model_type: str) -> tuple[
     Returns:
         ``(state_dict, origin)``: the renamed tensors, and for each new name the original one.
     """
-    rules = {"detr": _dense_decoder("multihead_attn"), "conditional_detr": _dense_decoder("cross_attn"),
-             "deformable_detr": _DEFORMABLE}[model_type]
+    rules = RULES[model_type]
     renamed = {_rename(k, rules): (k, v) for k, v in weights.items()
                if not k.endswith(".num_batches_tracked")}  # a BatchNorm counter; frozen BatchNorm has none
     state, origin = {}, {}
@@ -251,31 +222,28 @@ def _fill_shared(model: nn.Module, state: dict[str, Tensor]) -> None:
                 state[name] = state[saved[0]]
 
 
-def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> nn.Module:
-    """Build the library's model for a ``save_pretrained`` folder and load its weights.
+def _kwargs_for(folder: Path, config: dict) -> tuple[Callable[..., nn.Module], dict]:
+    """``hf_model_kwargs(config)`` whose errors name the folder's config.json."""
+    try:
+        return hf_model_kwargs(config)
+    except ValueError as error:
+        message, path = str(error), folder / "config.json"
+        raise ValueError(f"{path}{message.removeprefix('config.json')}" if message.startswith("config.json")
+                         else f"{path}: {message}") from None
 
-    Args:
-        folder: holds ``config.json`` and ``model.safetensors`` (e.g. a local copy of
-            ``facebook/detr-resnet-50``).
-        overrides: keyword arguments for the builder that the config does not fix
-            (e.g. ``dropout=0.0``, ``aux_loss=True``, ``train_backbone=False``).
 
-    Returns:
-        a ``DETR``, ``DeformableDETR`` or ``ConditionalDETR`` (in training mode, as built) whose
-        outputs equal the ``transformers`` model's on the same input; its ``num_classes`` is the
-        number of entries of ``id2label``.
-
-    Raises:
-        FileNotFoundError, CheckpointError: a file is missing, truncated or corrupt.
-        ValueError: the config describes an architecture the library does not build.
-        CheckpointMismatchError: tensors that find no place in the model, or that it lacks, by name.
-    """
+def load_hf_folder(folder: str | Path, build: Optional[Callable[[str, dict], nn.Module]] = None,
+                   **overrides: Any) -> tuple[nn.Module, dict]:
+    """:func:`load_hf_checkpoint` that also returns the ``config.json`` dict; ``build(model_type, kwargs)``,
+    when given, builds the model instead of the library's builder (e.g. through a training recipe)."""
+    folder = Path(folder)
     config, weights = read_hf_checkpoint(folder)
-    builder, kwargs = hf_model_kwargs(config)
-    model = builder(**{**kwargs, **overrides})
+    builder, kwargs = _kwargs_for(folder, config)
+    kwargs = {**kwargs, **overrides}
+    model = builder(**kwargs) if build is None else build(config["model_type"], kwargs)
     state, origin = convert_hf_state_dict(weights, config["model_type"])
     _fill_shared(model, state)
-    file = Path(folder) / "model.safetensors"
+    file = folder / "model.safetensors"
     own = model.state_dict()
     unknown = sorted(origin[k] for k in state if k not in own)
     if unknown:
@@ -287,4 +255,26 @@ def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> nn.Module:
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(f"{file}, renamed to the library's names: {error}") from None
     model.load_state_dict(state, strict=True)
-    return model
+    return model, config
+
+
+def load_hf_checkpoint(folder: str | Path, **overrides: Any) -> nn.Module:
+    """Build the library's model for a ``save_pretrained`` folder and load its weights.
+
+    Args:
+        folder: holds ``config.json`` and ``model.safetensors`` (e.g. a local copy of
+            ``facebook/detr-resnet-50``).
+        overrides: keyword arguments for the builder that the config does not fix
+            (e.g. ``dropout=0.0``, ``aux_loss=True``, ``train_backbone=False``).
+
+    Returns:
+        a ``DETR``, ``DeformableDETR``, ``ConditionalDETR`` or ``DABDETR`` (in training mode, as built)
+        whose outputs equal the ``transformers`` model's on the same input; its ``num_classes`` is the
+        number of entries of ``id2label``.
+
+    Raises:
+        FileNotFoundError, CheckpointError: a file is missing, truncated or corrupt.
+        ValueError: the config describes an architecture the library does not build (names the config.json).
+        CheckpointMismatchError: tensors that find no place in the model, or that it lacks, by name.
+    """
+    return load_hf_folder(folder, **overrides)[0]

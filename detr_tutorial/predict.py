@@ -10,7 +10,12 @@ of the photo, class name) and, with ``--out``, writes the photo with the boxes a
 * an official DETR release (``detr-r50-e632da11.pth`` and its siblings, the whole file or its ``"model"``):
   ResNet depth, layer counts and sizes are read from the weights; images are normalised with ImageNet's
   mean and std and resized to the official 800 pixels (longer side at most 1333); 91 classes get COCO's
-  names. A DC5 release (dilated last stage) has the same weights as its plain sibling: pass ``--dilation``.
+  names. A DC5 release (dilated last stage) has the same weights as its plain sibling: pass ``--dilation``;
+* a Hugging Face ``transformers`` folder (``config.json`` + ``model.safetensors``, as ``save_pretrained`` writes
+  it) of DETR, Deformable DETR, Conditional DETR or DAB-DETR, read by :func:`detr_tutorial.hub.load_hf_folder`:
+  class names from the config's ``id2label``, the post-processing of the model's training recipe, images
+  normalised with ImageNet's mean and std and resized as the folder's ``preprocessor_config.json`` says
+  (``size.shortest_edge``/``longest_edge``; 800 and 1333, the DETR image processor's defaults, without one).
 
 The photo is resized as the model's validation images were (shorter side to the training image size), the
 boxes are given in the photo's own pixels.
@@ -18,6 +23,7 @@ boxes are given in the photo's own pixels.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -32,8 +38,10 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
 from .checkpoints import check_state_dict, load_official_detr
-from .data.coco_transforms import coco_transforms
+from .data.coco_transforms import IMAGENET_MEAN, IMAGENET_STD, coco_transforms
 from .data.shapes import CLASSES as SHAPES_CLASSES
+from .hub import load_hf_folder
+from .hub_rules import RECIPES as HF_RECIPES
 from .models import build_detr
 from .presets import MODELS
 from .run_dir import CHECKPOINT, TRAINING_KEYS, CheckpointError, read_weights
@@ -144,9 +152,48 @@ def _trained(state: Mapping, source: str, model_name: Optional[str]) -> Predicto
                      bool(data.get("normalize", False)))
 
 
+def _hub_sizes(folder: Path) -> tuple[int, int]:
+    """(shortest edge, longest edge) from the folder's ``preprocessor_config.json``; (800, 1333) without one."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return 800, 1333
+    try:
+        config = json.loads(path.read_text())
+        edges = int(config["size"]["shortest_edge"]), int(config["size"]["longest_edge"])
+        mean, std = config.get("image_mean", IMAGENET_MEAN), config.get("image_std", IMAGENET_STD)
+        imagenet = all(torch.allclose(torch.tensor(given).double(), torch.tensor(expected).double())
+                       for given, expected in ((mean, IMAGENET_MEAN), (std, IMAGENET_STD)))
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: expected JSON with size.shortest_edge, size.longest_edge and three-channel "
+                              f"image_mean and image_std ({error!r})") from None
+    if not (imagenet and config.get("do_normalize", True)):
+        raise CheckpointError(f"{path}: the predictor normalises with ImageNet's mean and std, not image_mean={mean}, "
+                              f"image_std={std}, do_normalize={config.get('do_normalize', True)}")
+    return edges
+
+
+def _hub(folder: Path, model_name: Optional[str]) -> Predictor:
+    """A ``transformers`` folder -> a predictor whose model is built by the matching training recipe."""
+    made = {}
+
+    def build(model_type: str, kwargs: dict) -> nn.Module:
+        name = HF_RECIPES[model_type]
+        if model_name not in (None, name):
+            raise ValueError(f"--model {model_name}: {folder} holds a {name} model, not a {model_name}")
+        made["model"], _, made["postprocess"] = MODELS[name](**kwargs)
+        return made["model"]
+
+    size, max_size = _hub_sizes(folder)
+    model, config = load_hf_folder(folder, build)
+    labels = config["id2label"]
+    classes = tuple(str(labels.get(str(i), f"class {i}")) for i in range(len(labels)))
+    return Predictor(model.eval(), made["postprocess"], classes, size, max_size, normalize=True)
+
+
 def load_predictor(path: str | Path, device: str | torch.device = "cpu", model_name: Optional[str] = None,
                    dilation: bool = False) -> Predictor:
-    """A :class:`Predictor` from a run folder, a trainer's checkpoint or an official DETR release.
+    """A :class:`Predictor` from a run folder, a trainer's checkpoint, an official DETR release or a
+    ``transformers`` folder (one with ``config.json`` or ``model.safetensors`` and no ``checkpoint.pth``).
 
     Raises ``FileNotFoundError`` (no such file), :class:`~detr_tutorial.run_dir.CheckpointError` (truncated,
     corrupt, not weights-only, or weights of an architecture the library does not build) and
@@ -154,23 +201,29 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", model_n
     each names the file. ``model_name``: refuse a checkpoint of another model.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    state = read_weights(path)
-    if isinstance(state, Mapping) and all(k in state for k in TRAINING_KEYS):
-        predictor = _trained(state, str(path), model_name)
+    if path.is_dir() and not (path / CHECKPOINT).exists() and any(
+            (path / name).exists() for name in ("config.json", "model.safetensors")):
+        predictor = _hub(path, model_name)
     else:
-        weights = state.get("model", state) if isinstance(state, Mapping) else state
-        if not (isinstance(weights, Mapping) and {"class_embed.weight", "query_embed.weight",
-                                                   "transformer.encoder.layers.0.linear1.weight"} <= set(weights)):
-            keys = sorted(map(str, weights))[:6] if isinstance(weights, Mapping) else type(weights).__name__
-            raise CheckpointError(f"{path} holds neither a detr_tutorial training checkpoint nor an official DETR "
-                                  f"release: weights of another architecture (first keys: {keys})")
-        if model_name not in (None, "detr"):
-            raise ValueError(f"--model {model_name}: {path} is an official DETR release, not a {model_name}")
-        predictor = _official_detr(weights, str(path), dilation)
+        predictor = _from_file(path / CHECKPOINT if path.is_dir() else path, model_name, dilation)
     predictor.model.to(device)
     return predictor
+
+
+def _from_file(path: Path, model_name: Optional[str], dilation: bool) -> Predictor:
+    """A trainer's checkpoint or an official DETR release -> a predictor."""
+    state = read_weights(path)
+    if isinstance(state, Mapping) and all(k in state for k in TRAINING_KEYS):
+        return _trained(state, str(path), model_name)
+    weights = state.get("model", state) if isinstance(state, Mapping) else state
+    if not (isinstance(weights, Mapping) and {"class_embed.weight", "query_embed.weight",
+                                               "transformer.encoder.layers.0.linear1.weight"} <= set(weights)):
+        keys = sorted(map(str, weights))[:6] if isinstance(weights, Mapping) else type(weights).__name__
+        raise CheckpointError(f"{path} holds neither a detr_tutorial training checkpoint nor an official DETR "
+                              f"release: weights of another architecture (first keys: {keys})")
+    if model_name not in (None, "detr"):
+        raise ValueError(f"--model {model_name}: {path} is an official DETR release, not a {model_name}")
+    return _official_detr(weights, str(path), dilation)
 
 
 def draw(image: Tensor, detections: Mapping[str, Tensor], classes: Sequence[str]) -> Tensor:
@@ -182,7 +235,8 @@ def draw(image: Tensor, detections: Mapping[str, Tensor], classes: Sequence[str]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m detr_tutorial.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoint.pth, or an official DETR .pth")
+    p.add_argument("--checkpoint", required=True, help="a run folder, its checkpoint.pth, an official DETR .pth, "
+                                                         "or a transformers folder (config.json + model.safetensors)")
     p.add_argument("--image", required=True, help="the photo (any format Pillow reads: JPEG, PNG, ...)")
     p.add_argument("--out", default=None, help="write the photo with the detections drawn here (e.g. out.png)")
     p.add_argument("--threshold", type=float, default=0.7, help="lowest score shown (default: 0.7)")

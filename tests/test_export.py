@@ -1,15 +1,20 @@
-"""Exporting DETR and Deformable DETR with torch.export and to ONNX (run with onnxruntime)."""
+"""Exporting DETR, Deformable DETR, Conditional DETR and DAB-DETR with torch.export and to ONNX (onnxruntime)."""
+import re
+
 import pytest
 import torch
 
-from conftest import padded_pair
-from detr_tutorial.export import export_onnx, export_program, main
-from detr_tutorial.models import build_deformable_detr, build_detr
+from conftest import broken_hf_folders, padded_pair, save_hf
+from detr_tutorial.export import export_onnx, export_program, load_for_export, main
+from detr_tutorial.hub import load_hf_checkpoint
+from detr_tutorial.models import build_conditional_detr, build_dab_detr, build_deformable_detr, build_detr
+from detr_tutorial.presets import get_preset, make_trainer
 
 SMALL = dict(backbone="small", num_classes=3, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=5)
 BUILDERS = {"detr": lambda: build_detr(**SMALL),
-            "deformable": lambda: build_deformable_detr(**SMALL, enc_n_points=2, dec_n_points=2)}
+            "deformable": lambda: build_deformable_detr(**SMALL, enc_n_points=2, dec_n_points=2),
+            "conditional": lambda: build_conditional_detr(**SMALL), "dab": lambda: build_dab_detr(**SMALL)}
 
 
 def batch():
@@ -57,33 +62,63 @@ def test_deformable_onnx_matches_eager(tmp_path):
     torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, atol=1e-4, rtol=1e-4)
 
 
-def test_command_exports_a_transformers_detr(tmp_path, capsys):
-    """The command line route: a transformers folder -> ONNX -> onnxruntime, equal to the eager model."""
-    pytest.importorskip("onnxscript")
+def onnx_matches_eager(path, model, examples):
+    """onnxruntime's outputs of the ONNX file equal the eager model's on each example batch (1e-4)."""
     ort = pytest.importorskip("onnxruntime")
-    transformers = pytest.importorskip("transformers")
-    from detr_tutorial.hub import load_hf_checkpoint
-
-    torch.manual_seed(0)
-    backbone = transformers.ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
-                                         out_features=["stage4"])
-    config = transformers.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
-                                     num_queries=5, d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64,
-                                     decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4,
-                                     num_labels=3)
-    transformers.DetrForObjectDetection(config).save_pretrained(tmp_path / "hf")
-    out = str(tmp_path / "detr.onnx")
-    assert main(["--checkpoint", str(tmp_path / "hf"), "--out", out, "--size", "64", "96", "--dynamic"]) == 0
-    assert "detr.onnx" in capsys.readouterr().out
-    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
-    model = load_hf_checkpoint(tmp_path / "hf")
-    images, _ = batch()
-    for example in (images[:1], torch.randn(2, 3, 80, 112)):  # the example's size, then another batch and size
+    for example in examples:
         logits, boxes = session.run(None, {"images": example.numpy()})
         expected_logits, expected_boxes = eager(model, example)
         torch.testing.assert_close(torch.from_numpy(logits), expected_logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, atol=1e-4, rtol=1e-4)
+
+
+def test_command_exports_a_transformers_detr(tmp_path, capsys):
+    """The command line route: a transformers folder -> ONNX -> onnxruntime, equal to the eager model."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("transformers")
+    save_hf(tmp_path / "hf", "detr")
+    out = str(tmp_path / "detr.onnx")
+    assert main(["--checkpoint", str(tmp_path / "hf"), "--out", out, "--size", "64", "96", "--dynamic"]) == 0
+    assert "detr.onnx" in capsys.readouterr().out
+    images, _ = batch()  # the example's size, then another batch and size
+    onnx_matches_eager(out, load_hf_checkpoint(tmp_path / "hf"), (images[:1], torch.randn(2, 3, 80, 112)))
+
+
+def test_command_exports_a_trainer_run(tmp_path, capsys):
+    """A run folder of a short training (tiny preset, one epoch) exports through the loader predict uses;
+    torch.export and onnxruntime give the eager outputs of the trained weights."""
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    trainer = make_trainer(get_preset("tiny", epochs=1), model="detr", out_dir=tmp_path / "run", progress=False)
+    trainer.fit()
+    model = load_for_export(tmp_path / "run")
+    assert not model.training
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trainer.model.state_dict().items())
+    out = tmp_path / "tiny.onnx"
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--size", "32", "48", "--batch", "2"]) == 0
+    assert "(2, 3, 32, 48)" in capsys.readouterr().out
+    images = torch.rand(2, 3, 32, 48)
+    onnx_matches_eager(out, model, [images])
+    with torch.no_grad():
+        logits, boxes = export_program(model, images).module()(images)
+    expected_logits, expected_boxes = eager(model, images)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(boxes, expected_boxes, atol=1e-4, rtol=1e-4)
+
+
+def test_command_refuses_broken_checkpoints_naming_the_file(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    save_hf(tmp_path / "hf", "detr")
+    absent = tmp_path / "nothing.pth"
+    cases = broken_hf_folders(tmp_path / "hf", tmp_path) + [(absent, re.escape(f"{absent}: no such checkpoint file"))]
+    for checkpoint, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx")])
+        assert exit_.value.code == 2 and re.search(f"--checkpoint: {message}", capsys.readouterr().err)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_bad_input_is_refused_before_export(tmp_path):
@@ -106,5 +141,3 @@ def test_bad_input_is_refused_before_export(tmp_path):
         export_program(BUILDERS["deformable"](), images, mask, dynamic=True)
     with pytest.raises(ValueError, match="batch of at least 2"):
         export_program(model, images[:1], dynamic=True)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        main(["--checkpoint", str(tmp_path / "nothing.pth"), "--out", str(tmp_path / "m.onnx")])

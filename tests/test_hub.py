@@ -8,53 +8,11 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import padded_pair  # noqa: E402
+from conftest import HF_RESNET18, padded_pair, save_hf  # noqa: E402
 from detr_tutorial.checkpoints import CheckpointMismatchError  # noqa: E402
 from detr_tutorial.hub import load_hf_checkpoint  # noqa: E402
-from detr_tutorial.models import ConditionalDETR, DeformableDETR, DETR  # noqa: E402
+from detr_tutorial.models import DABDETR, ConditionalDETR, DeformableDETR, DETR  # noqa: E402
 from detr_tutorial.run_dir import CheckpointError  # noqa: E402
-
-SMALL = dict(use_timm_backbone=False, use_pretrained_backbone=False, num_queries=5, d_model=32, encoder_layers=1,
-             decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
-             decoder_attention_heads=4, num_labels=3)
-RESNET18 = dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512])
-
-
-def randomise(model, seed=0):
-    """Redraw every tensor, BatchNorm statistics included, so that each one changes the outputs (a fresh
-    model has identity BatchNorm statistics, zero-initialised box heads and nearly equal queries):
-    weights ~ N(0, 1/fan_in), vectors perturbed by N(0, 0.1), running variances in [0.5, 1.5)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif "query_position_embeddings" in name:  # as nn.Embedding's default: queries far apart
-                t.copy_(torch.randn(t.shape, generator=g))
-            elif t.is_floating_point() and t.dim() >= 2:
-                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
-            elif t.is_floating_point():
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
-    return model
-
-
-def save_hf(folder, kind, resnet=RESNET18, **config):
-    """Build, randomise and save a small transformers model of ``kind``; returns it in eval mode."""
-    torch.manual_seed(0)
-    config_cls, model_cls, levels = {
-        "detr": ("DetrConfig", "DetrForObjectDetection", ["stage4"]),
-        "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection", ["stage4"]),
-        "deformable_detr": ("DeformableDetrConfig", "DeformableDetrForObjectDetection",
-                            ["stage2", "stage3", "stage4"]),
-    }[kind]
-    options = {**SMALL, **config}
-    if kind == "deformable_detr":
-        options.update(encoder_n_points=2, decoder_n_points=2)
-    backbone = transformers.ResNetConfig(**resnet, out_features=levels)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(backbone_config=backbone, **options))
-    randomise(model).save_pretrained(folder)
-    return model.eval()
-
 
 def images_and_masks():
     """Two images, the second padded on the right and at the bottom: (images, book mask, transformers mask)."""
@@ -156,6 +114,34 @@ def test_conditional_detr(tmp_path):
     assert_same_outputs(hf_model, model)
 
 
+@pytest.mark.parametrize("options", [{}, {"random_refpoints_xy": True, "activation_function": "relu"}])
+def test_dab_detr(tmp_path, options):
+    """transformers' DAB-DETR (tied box heads saved once, PReLU slopes, per-block layer names) -> the book's."""
+    hf_model = save_hf(tmp_path, "dab-detr", **options)
+    model = load_hf_checkpoint(tmp_path)
+    assert isinstance(model, DABDETR) and model.num_classes == 3
+    assert model.transformer.decoder.bbox_embed is model.bbox_embed
+    assert isinstance(model.transformer.encoder.layers[0].activation, torch.nn.PReLU) == (not options)
+    assert_same_outputs(hf_model, model)
+    if not options:  # timm's ResNet, DabDetrConfig's default backbone (use_timm_backbone=True)
+        as_timm_layout(tmp_path, tmp_path / "timm")
+        assert_same_outputs(hf_model, load_hf_checkpoint(tmp_path / "timm"))
+
+
+def test_dab_detr_options_the_library_lacks(tmp_path):
+    folder = tmp_path / "dab"
+    save_hf(folder, "dab-detr", decoder_layers=1)
+    for change, message in [({"keep_query_pos": True}, "keep_query_pos=True"),
+                            ({"num_patterns": 3}, "num_patterns=3"),
+                            ({"normalize_before": True}, "normalize_before=True"),
+                            ({"temperature_width": 10}, "temperature_height=20 and temperature_width=10 differ"),
+                            ({"sine_position_embedding_scale": 1.0}, "sine_position_embedding_scale=1.0"),
+                            ({"activation_function": "gelu"}, "activation_function 'gelu'")]:
+        bad = copy_folder(folder, tmp_path / str(len(list(tmp_path.iterdir()))), change)
+        with pytest.raises(ValueError, match=re.escape(f"{bad / 'config.json'}: {message}")):
+            load_hf_checkpoint(bad)
+
+
 def test_missing_and_broken_files(detr_folder, tmp_path):
     folder, _ = detr_folder
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -178,7 +164,7 @@ def test_missing_and_broken_files(detr_folder, tmp_path):
 
 def test_another_architecture(tmp_path):
     torch.manual_seed(0)
-    transformers.ResNetForImageClassification(transformers.ResNetConfig(**RESNET18)).save_pretrained(tmp_path)
+    transformers.ResNetForImageClassification(transformers.ResNetConfig(**HF_RESNET18)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model_type 'resnet' is not one the library builds"):
         load_hf_checkpoint(tmp_path)
 

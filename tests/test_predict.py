@@ -1,13 +1,19 @@
 """Predict on a photo: a generated image, checkpoints the tests write, and every refused input."""
+import json
+import re
+
 import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from conftest import broken_hf_folders, save_hf
 from detr_tutorial import predict
 from detr_tutorial.checkpoints import CheckpointMismatchError
 from detr_tutorial.data import CLASSES, CocoConfig, ShapesDataset, export_coco_folder
+from detr_tutorial.data.coco_transforms import coco_transforms
 from detr_tutorial.models import build_detr
 from detr_tutorial.presets import get_coco_preset, make_trainer
 from detr_tutorial.run_dir import CheckpointError
@@ -149,3 +155,75 @@ def test_weights_of_another_model_than_the_run_records_are_refused(run_dir, tmp_
     torch.save(state, tmp_path / "nameless.pth")
     with pytest.raises(CheckpointError, match="nameless.pth does not record its class names"):
         predict.load_predictor(tmp_path / "nameless.pth")
+
+
+@pytest.fixture(scope="module")
+def hf_detr(tmp_path_factory):
+    """A random transformers DETR saved with save_pretrained, named classes, and an image processor whose
+    size (shorter side 64, longer at most 100) the predictor must follow: (folder, transformers model)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf_detr")
+    hf_model = save_hf(folder, "detr")
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "cat", "1": "dog", "2": "kite"}
+    (folder / "config.json").write_text(json.dumps(config))
+    transformers.DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 100}).save_pretrained(folder)
+    return folder, hf_model
+
+
+def test_a_transformers_folder_predicts_as_transformers_post_processes(hf_detr, photo, capsys):
+    """The printed detections equal transformers' post-processing of its own model's outputs on the same pixels
+    (the image processor's PIL resize differs from torchvision's by interpolation, so both models get the
+    predictor's resized, normalised photo): same class names, scores within the printed 3 decimals, boxes
+    within the printed 0.1 pixel."""
+    from transformers import DetrImageProcessor
+
+    folder, hf_model = hf_detr
+    assert predict.main(["--checkpoint", str(folder), "--image", str(photo), "--threshold", "0"]) == 0
+    rows = _lines(capsys)[1]
+    image = predict.read_image(photo)
+    pixels = coco_transforms(False, 64, 100, normalize=True)(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+    assert pixels.shape == (3, 64, 85)  # 48 x 64 photo, shorter side to 64
+    with torch.no_grad():
+        outputs = hf_model(pixel_values=pixels[None])
+    expected = DetrImageProcessor().post_process_object_detection(outputs, threshold=0, target_sizes=[(48, 64)])[0]
+    order = expected["scores"].argsort(descending=True)
+    assert len(rows) == len(order) == 5  # 5 queries, one detection each
+    assert [r[5] for r in rows] == [("cat", "dog", "kite")[int(expected["labels"][i])] for i in order]
+    torch.testing.assert_close(torch.tensor([float(r[0]) for r in rows]), expected["scores"][order],
+                               atol=5e-4 + 1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor([[float(v) for v in r[1:5]] for r in rows]), expected["boxes"][order],
+                               atol=0.05 + 1e-4, rtol=0)
+
+
+def test_a_transformers_dab_detr_folder_gets_its_recipes_post_processing(tmp_path, photo):
+    pytest.importorskip("transformers")
+    save_hf(tmp_path, "dab-detr")
+    predictor = predict.load_predictor(tmp_path, model_name="dab_detr")
+    assert type(predictor.model).__name__ == "DABDETR" and predictor.classes == ("LABEL_0", "LABEL_1", "LABEL_2")
+    assert (predictor.image_size, predictor.max_size, predictor.normalize) == (800, 1333, True)  # DETR's defaults
+    predictor.image_size, predictor.max_size = 64, None  # 800 pixels take seconds on a CPU
+    detections = predictor(predict.read_image(photo), threshold=0.0)
+    assert len(detections["scores"]) == 15  # top-k over 5 queries x 3 classes (the recipe keeps up to 300)
+    with pytest.raises(ValueError, match=f"--model detr: {tmp_path} holds a dab_detr model"):
+        predict.load_predictor(tmp_path, model_name="detr")
+
+
+def test_broken_transformers_folders_are_refused_naming_the_file(hf_detr, photo, tmp_path, capsys):
+    for folder, message in broken_hf_folders(hf_detr[0], tmp_path):
+        err = _refused(capsys, "--checkpoint", str(folder), "--image", str(photo))
+        assert re.search(f"--checkpoint: {message}", err)
+
+
+def test_an_image_processor_the_predictor_cannot_follow_is_refused(hf_detr, tmp_path):
+    folder, _ = hf_detr
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    for change, message in [({"image_mean": [0.5, 0.5, 0.5]}, "ImageNet's mean and std, not image_mean=[0.5"),
+                            ({"do_normalize": False}, "do_normalize=False"),
+                            ({"size": {"height": 64, "width": 64}}, "expected JSON with size.shortest_edge")]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**processor, **change}))
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'preprocessor_config.json'}: ") + ".*"
+                           + re.escape(message)):
+            predict.load_predictor(tmp_path)
