@@ -108,7 +108,8 @@ class Trainer:
     """Train ``model`` with ``criterion`` on ``train_loader`` following ``config``.
 
     Args:
-        model: ``model(images (B, 3, H, W), mask (B, H, W)) -> outputs`` dict.
+        model: ``model(images (B, 3, H, W), mask (B, H, W)) -> outputs`` dict; ``model(images, mask, targets)``
+            in training if the model has ``takes_targets = True``.
         criterion: ``criterion(outputs, targets) -> {name: scalar}`` with a
             ``weight_dict`` attribute naming the terms summed into the loss.
         train_loader: iterable of ``(images, mask, targets)`` with a ``len``.
@@ -170,7 +171,7 @@ class Trainer:
     def train_step(self, images: Tensor, mask: Tensor, targets: Sequence[dict]) -> dict[str, float]:
         """One optimiser step; returns the step's log record. Stops with :class:`NonFiniteLossError`
         before the step if the outputs, the loss or the gradient norm are NaN or infinite."""
-        outputs = self._forward(images, mask)
+        outputs = self._forward(images, mask, targets)
         loss_dict = self.criterion(outputs, _to(targets, self.device))
         weights = self.criterion.weight_dict
         loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
@@ -191,9 +192,14 @@ class Trainer:
         self.step += 1
         return record
 
-    def _forward(self, images: Tensor, mask: Tensor) -> dict:
+    def _forward(self, images: Tensor, mask: Tensor, targets: Sequence[dict]) -> dict:
+        """The forward pass; a model with ``takes_targets = True`` (DN-DETR, DINO: denoising queries made from
+        the targets) also gets ``targets``."""
+        inputs = (images.to(self.device), mask.to(self.device))
+        if getattr(self.model, "takes_targets", False):
+            inputs += (_to(targets, self.device),)
         try:
-            outputs = self.forward_model(images.to(self.device), mask.to(self.device))
+            outputs = self.forward_model(*inputs)
         except ValueError as error:  # the library's own checks on non-finite activations
             if "finite" not in str(error):
                 raise

@@ -101,6 +101,19 @@ for _preset in PRESETS.values():
     for _name in ("conditional_detr", "dab_detr"):
         _preset.models.setdefault(_name, dict(_preset.models["detr"]))
 
+# DN-DETR is DAB-DETR plus denoising and DINO is Deformable DETR plus denoising (chapters 22-24): each gets its parent's
+# sizes in every preset that has the parent, and a denoising budget for images of at most 4 objects and 8 queries.
+# DN-DETR keeps the official 5 groups (``--scalar 5``): at most 5 x 4 = 20 denoising queries. DINO's ``dn_number`` of
+# 100 would make 100 // 4 = 25 groups (200 queries, 25 times the 8 matching ones); below 50, ``dn_number`` is not
+# divided by the object count but doubled (``denoising.num_dn_groups``), so 2 gives 4 groups of a positive and a
+# negative per object: at most 32 queries, near DN-DETR's 20. The box noise is the 1.0 of DINO's training scripts
+# (its config says 0.4).
+for _preset in PRESETS.values():
+    if "dab_detr" in _preset.models:
+        _preset.models.setdefault("dn_detr", dict(_preset.models["dab_detr"], scalar=5))
+    if "deformable_detr" in _preset.models:
+        _preset.models.setdefault("dino", dict(_preset.models["deformable_detr"], dn_number=2, dn_box_noise_scale=1.0))
+
 def get_preset(name: str, data: Optional[dict] = None, **train_overrides) -> Preset:
     """``PRESETS[name]`` with ``DataConfig`` fields replaced by ``data`` (e.g. ``{"image_size": 128}``)
     and ``TrainConfig`` fields by ``train_overrides`` (e.g. ``epochs=3``)."""

@@ -3,8 +3,7 @@
 ``python -m detr_tutorial.train --out runs/race/<short>_<setting> ...`` writes ``commands.jsonl`` (one
 record per invocation: the command, the preset, the outcome) and ``metrics.jsonl`` (one record per
 epoch). The book keeps copies of both under ``book/race_runs/<short>_<setting>/``, where ``short`` names
-the model (``detr``, ``deformable``, ``conditional``, ``dab``) and ``setting`` the data and schedule
-(``64``, ``128_small``, ``128_small_long``, ...).
+the model (:data:`SHORT_NAMES`) and ``setting`` the data and schedule (``64``, ``128_small``, ``128_small_long``, ...).
 """
 from __future__ import annotations
 
@@ -14,10 +13,14 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["DEFAULT_OBJECT_SIZE", "first_epoch_reaching", "load_records", "load_run", "object_size"]
+__all__ = ["DEFAULT_OBJECT_SIZE", "SHORT_NAMES", "first_epoch_reaching", "load_records", "load_run", "object_size"]
 
 #: ``DataConfig.object_size``'s default; records written before the field existed used it.
 DEFAULT_OBJECT_SIZE = (0.15, 0.5)
+
+#: model name (``--model``) -> the short name that starts its run folders.
+SHORT_NAMES = {"detr": "detr", "deformable_detr": "deformable", "conditional_detr": "conditional", "dab_detr": "dab",
+               "dn_detr": "dn", "dino": "dino"}
 
 
 def _jsonl(path: Path) -> list[dict]:

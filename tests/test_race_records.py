@@ -17,7 +17,7 @@ import torch
 from detr_tutorial import presets, race_records, train
 
 RUNS = sorted(p for p in (Path(__file__).parents[1] / "book" / "race_runs").iterdir() if p.is_dir())
-SHORT = {"detr": "detr", "deformable_detr": "deformable", "conditional_detr": "conditional", "dab_detr": "dab"}
+SHORT = race_records.SHORT_NAMES
 FOUNDING = ("detr", "deformable")  # chapter 13 races these two in every setting; chapter 16 adds the others
 
 

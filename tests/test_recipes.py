@@ -18,7 +18,8 @@ OFFICIAL = {
 
 def test_presets_use_the_recipes():
     assert MODELS is RECIPES
-    assert set(OFFICIAL) | {"detr3d"} == set(RECIPES)  # DETR3D's recipe (3-D data and loss): tests/test_detr3d.py
+    # DETR3D's recipe (3-D data and loss): tests/test_detr3d.py; the denoising ones: tests/test_dn_training.py
+    assert set(OFFICIAL) | {"detr3d", "dn_detr", "dino"} == set(RECIPES)
 
 
 def test_loss_weights_repeat_for_earlier_layers_and_the_encoder():

@@ -162,6 +162,12 @@ class DINO(DeformableDETR):
         dn_labelbook_size: rows of ``label_enc`` minus one (91).
     """
 
+    @property
+    def takes_targets(self) -> bool:
+        """Whether the Trainer passes the targets in training (the denoising queries are made from them): not
+        with ``dn_number`` 0, as the official ``main.py`` (``--use_dn`` off sets ``dn_number`` 0 and passes none)."""
+        return self.dn_number > 0
+
     def __init__(self, backbone: Joiner, transformer: DINOTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int = 4, dn_number: int = 100, dn_label_noise_ratio: float = 0.5,
                  dn_box_noise_scale: float = 0.4, dn_labelbook_size: int = 91):

@@ -77,6 +77,8 @@ class DNDETR(DABDETR):
     training. ``forward(images, mask, targets)`` adds the denoising queries when the model is training
     and ``targets`` are given; the output then carries ``dn_meta``."""
 
+    takes_targets = True  # the Trainer passes the targets in training (the denoising queries are made from them)
+
     def __init__(self, backbone: Joiner, transformer: DABTransformer, num_classes: int, num_queries: int,
                  aux_loss: bool = True, scalar: int = 5, label_noise_scale: float = 0.2,
                  box_noise_scale: float = 0.4) -> None:
