@@ -96,7 +96,6 @@ def test_runner_route_takes_the_engines_steps_and_scores(tmp_path, monkeypatch):
     for ours, theirs in zip(records, trainer.epoch_log):  # NuScenesMetric == the engine's evaluate_detr3d
         scores = {k.removeprefix("nuscenes/"): v for k, v in ours.items() if k.startswith("nuscenes/")}
         assert scores == {k: theirs[k] for k in scores} and scores.keys() >= {"mAP", "mATE", "AP_car"}
-    print(records)
 
 
 def test_metric_pairs_each_scene_with_its_boxes():
