@@ -104,7 +104,8 @@ def test_metric_pairs_each_scene_with_its_boxes():
     world = MultiViewWorld(4, num_cams=4, image_hw=(32, 48), distance=(3.0, 20.0), seed=3)
     targets = [item[2] for item in world]
     seen = [seen_targets(t) for t in targets]  # the boxes that count (hidden ones would be false positives)
-    perfect = [dict(boxes=t["boxes"], scores=torch.ones(len(t["labels"])), labels=t["labels"]) for t in seen]
+    perfect = [dict(boxes=t["boxes"], scores=torch.ones(len(t["labels"])), labels=t["labels"],
+                    image_id=int(t["scene_id"])) for t in seen]
     metric = NuScenesMetric(classes=world.metainfo["classes"])
     metric.process((None, None, targets[:2]), perfect[:2])
     metric.process((None, None, targets[2:]), perfect[2:])

@@ -14,14 +14,14 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
-from mmengine.evaluator import BaseMetric
 from torch.utils.data import Dataset
 
 from ...data.multiview import CameraRig, MultiViewDataset, multiview_collate
 from ...detr3d_training import detr3d_scores
 from ..registry import DATASETS, FUNCTIONS, METRICS
+from ..runtime import CocoAPMetric
 
 __all__ = ["MultiViewWorld", "NuScenesMetric"]
 
@@ -48,25 +48,12 @@ class MultiViewWorld(Dataset):
 
 
 @METRICS.register_module(name="NuScenesMetric")
-class NuScenesMetric(BaseMetric):
+class NuScenesMetric(CocoAPMetric):
     """nuScenes-style scores of the decoded boxes against the batch's targets, logged as ``nuscenes/mAP``,
-    ``nuscenes/mATE``, ..., ``nuscenes/AP_<class>``; ``classes`` default to the dataset's
-    ``metainfo['classes']``."""
+    ``nuscenes/mATE``, ..., ``nuscenes/AP_<class>``. :class:`CocoAPMetric`'s arguments and bookkeeping
+    (``classes`` default to the dataset's ``metainfo['classes']``); only the scores differ."""
 
     default_prefix = "nuscenes"
-
-    def __init__(self, classes: Optional[Sequence[str]] = None, collect_device: str = "cpu",
-                 prefix: Optional[str] = None) -> None:
-        super().__init__(collect_device=collect_device, prefix=prefix)
-        self.classes = None if classes is None else tuple(classes)
-
-    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
-        """Keep each scene's target and decoded boxes (on the CPU) until :meth:`compute_metrics`."""
-        targets = data_batch[2]
-        if len(targets) != len(data_samples):
-            raise ValueError(f"got {len(data_samples)} predictions for a batch of {len(targets)} scenes")
-        for target, result in zip(targets, data_samples):
-            self.results.append(({k: v.cpu() for k, v in target.items()}, {k: v.cpu() for k, v in result.items()}))
 
     def compute_metrics(self, results: list) -> dict[str, float]:
         classes = self.classes or (self.dataset_meta or {}).get("classes")

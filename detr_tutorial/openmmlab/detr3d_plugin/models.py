@@ -93,13 +93,14 @@ def Detr3DHead(num_classes: int, bbox_coder: dict, loss_cls: dict, loss_bbox: di
 class MultiViewDetector(Detector):
     """:class:`Detector` for batches ``(images (B, N, 3, H, W), lidar2img (B, N, 4, 4), targets)`` (the
     multi-view collate). ``mode='predict'`` returns the coder's boxes per scene (``boxes (k, 7)``, ``scores``,
-    ``labels``); ``'tensor'`` and ``'loss'`` are :class:`Detector`'s."""
+    ``labels``) with the target's ``scene_id`` as ``image_id``; ``'tensor'`` and ``'loss'`` are :class:`Detector`'s."""
 
     def forward(self, images: Tensor, lidar2img: Optional[Tensor] = None, targets: Optional[Sequence[dict]] = None,
                 mode: str = "tensor"):
-        if mode == "predict":
-            return self.head.postprocess(self.detector(images, lidar2img))
-        return super().forward(images, lidar2img, targets, mode)
+        if mode != "predict" or targets is None:
+            return super().forward(images, lidar2img, targets, mode)
+        results = self.head.postprocess(self.detector(images, lidar2img))
+        return [dict(r, image_id=int(t["scene_id"])) for r, t in zip(results, targets)]
 
 
 def _decoder_kwargs(head: dict) -> dict:
