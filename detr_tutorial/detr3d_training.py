@@ -31,7 +31,7 @@ from .models.detr3d import build_detr3d
 from .models.detr3d_geometry import denormalize_bbox, normalize_bbox
 
 __all__ = ["Detr3DCriterion", "HungarianAssigner3D", "MultiViewConfig", "NMSFreeCoder", "build_detr3d_training",
-           "evaluate_detr3d", "multiview_loaders", "post_center_range", "predict", "seen_targets"]
+           "detr3d_scores", "evaluate_detr3d", "multiview_loaders", "post_center_range", "predict", "seen_targets"]
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -270,7 +270,11 @@ def evaluate_detr3d(model: nn.Module, loader: Iterable, postprocess: Callable,
     :class:`~detr_tutorial.engine.Trainer`'s ``evaluator``."""
     if classes is None:
         classes = getattr(getattr(loader, "dataset", None), "classes", None) or MultiViewDataset.classes
-    predictions, targets = predict(model, loader, postprocess, device)
+    return detr3d_scores(*predict(model, loader, postprocess, device), classes)
+
+
+def detr3d_scores(predictions: Sequence[dict], targets: Sequence[dict], classes: Sequence[str]) -> dict[str, float]:
+    """:func:`evaluate_detr3d`'s scores of decoded ``predictions`` against ``targets``, one dict per scene each."""
     result = nuscenes_map(predictions, [seen_targets(t) for t in targets], list(classes))
     return {"mAP": result["mAP"], **{k: result[k] for k in ("mATE", "mASE", "mAOE")},
             **{f"AP_{name}": ap for name, ap in result["class_AP"].items()}}

@@ -1,4 +1,5 @@
-"""A library preset as ``--cfg-options`` for the shapes configs: the same data, batch size and schedule.
+"""A library preset as ``--cfg-options`` for the shapes configs (or the DETR3D plugin's multi-camera world):
+the same data, batch size and schedule.
 
 :func:`preset_options` turns :class:`~detr_tutorial.presets.Preset`'s :class:`~detr_tutorial.data.DataConfig`
 and :class:`~detr_tutorial.engine.TrainConfig` into the keys of ``configs/_base_/datasets/shapes_detection.py``
@@ -13,6 +14,7 @@ config's own.
 """
 from __future__ import annotations
 
+from ..detr3d_training import MultiViewConfig
 from ..presets import Preset
 
 __all__ = ["preset_options"]
@@ -25,7 +27,13 @@ def preset_options(preset: Preset) -> dict:
     data, train = preset.data, preset.train
     if train.max_seconds is not None:
         raise ValueError("preset.train.max_seconds has no Runner counterpart; use a preset without it")
-    shapes = dict(image_size=data.image_size, max_objects=data.max_objects, object_size=tuple(data.object_size))
+    if isinstance(data, MultiViewConfig):  # the DETR3D plugin's world (configs/_base_/datasets/multiview_world.py)
+        kind, count = "MultiViewWorld", "num_scenes"
+        settings = dict(num_cams=data.num_cams, image_hw=tuple(data.image_hw), min_objects=data.min_objects,
+                      max_objects=data.max_objects, distance=tuple(data.distance))
+    else:
+        kind, count = "ShapesDataset", "num_images"
+        settings = dict(image_size=data.image_size, max_objects=data.max_objects, object_size=tuple(data.object_size))
     schedulers = []
     if train.warmup_steps:
         schedulers.append(dict(type="LinearLR", start_factor=1 / train.warmup_steps, by_epoch=False, begin=0,
@@ -34,10 +42,9 @@ def preset_options(preset: Preset) -> dict:
                            milestones=list(range(train.lr_drop, train.epochs, train.lr_drop))))
     return {
         "train_dataloader.batch_size": preset.batch_size,
-        "train_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_train, seed=data.train_seed,
-                                         **shapes),
-        "val_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_val, seed=data.val_seed, **shapes),
-        "test_dataloader.dataset": dict(type="ShapesDataset", num_images=data.num_val, seed=data.val_seed, **shapes),
+        "train_dataloader.dataset": dict(type=kind, **{count: data.num_train}, seed=data.train_seed, **settings),
+        "val_dataloader.dataset": dict(type=kind, **{count: data.num_val}, seed=data.val_seed, **settings),
+        "test_dataloader.dataset": dict(type=kind, **{count: data.num_val}, seed=data.val_seed, **settings),
         "optim_wrapper.optimizer.lr": train.lr,
         "optim_wrapper.optimizer.weight_decay": train.weight_decay,
         "optim_wrapper.optimizer.fused": True,
