@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .losses import _TRAINED, SetCriterion
+from .losses import _TRAINED, SetCriterion, num_boxes_per_rank
 from .matcher import check_targets
 from .models.deformable_transformer import inverse_sigmoid
 
@@ -201,7 +201,8 @@ def dn_positive_indices(targets: Sequence[dict[str, Tensor]], dn_meta: dict) -> 
 def dn_losses(criterion: SetCriterion, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
     """DINO's denoising loss (official ``SetCriterion.forward``, "prepare for dn loss"): the criterion's
     terms on ``outputs['dn_meta']['output_known_lbs_bboxes']`` with the fixed assignment of
-    :func:`dn_positive_indices` instead of a matching, normalised by ``max(#objects, 1) · G``.
+    :func:`dn_positive_indices` instead of a matching, normalised by ``max(#objects, 1) · G``
+    (#objects: the mean per rank under DDP, as the matching terms').
 
     Args:
         criterion: the focal :class:`~detr_tutorial.losses.SetCriterion` of the matching queries.
@@ -232,7 +233,8 @@ def dn_losses(criterion: SetCriterion, outputs: dict, targets: Sequence[dict[str
                          f"{len(suffixes)}; run dn_post_process with the model's aux_loss")
     check_targets(targets, len(known["pred_logits"]), criterion.num_classes)
     indices = dn_positive_indices(targets, dn_meta)
-    num_boxes = max(sum(len(t["labels"]) for t in targets), 1) * dn_meta["num_dn_group"]
+    # official ``num_boxes * scalar``: the matching terms' normaliser (the mean per rank under DDP) times G
+    num_boxes = num_boxes_per_rank(targets, known["pred_logits"].device) * dn_meta["num_dn_group"]
     losses = {}
     for suffix, out in zip(suffixes, layers):
         for loss in criterion.losses:

@@ -48,7 +48,7 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .distributed import is_distributed, mean_over_ranks
 from .matcher import HungarianMatcher, check_outputs, check_targets
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss", "accuracy"]
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "accuracy", "num_boxes_per_rank"]
 
 Indices = list[tuple[Tensor, Tensor]]
 _LOSSES = ("labels", "boxes", "cardinality")
@@ -77,6 +77,16 @@ def accuracy(output: Tensor, target: Tensor) -> Tensor:
     if target.numel() == 0:
         return torch.zeros([], device=output.device)
     return (output.argmax(-1) == target).float().sum() * (100.0 / target.numel())
+
+
+def num_boxes_per_rank(targets: Sequence[dict[str, Tensor]], device: torch.device | str | None = None) -> float:
+    """The normaliser of the box and class losses: the number of target boxes in the batch, at least 1.
+
+    Under DDP, which averages gradients over ranks, it is the mean number per rank (then clamped to 1), as
+    the official DETR, Deformable DETR and DINO compute ``num_boxes``; one process gives the batch's count.
+    """
+    count = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    return torch.clamp(mean_over_ranks(count), min=1).item()
 
 
 class SetCriterion(nn.Module):
@@ -203,11 +213,7 @@ class SetCriterion(nn.Module):
         check_targets(targets, len(main["pred_logits"]), self.num_classes, num_queries)
         indices = self.matcher.match(main, targets)
 
-        # Normalise box losses by the number of target boxes in the batch (at least 1); under DDP, which
-        # averages gradients over ranks, by the mean number per rank, as the official DETR does.
-        num_boxes = sum(len(t["labels"]) for t in targets)
-        num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=main["pred_logits"].device)
-        num_boxes = torch.clamp(mean_over_ranks(num_boxes), min=1).item()
+        num_boxes = num_boxes_per_rank(targets, main["pred_logits"].device)
 
         losses = {}
         for loss in self.losses:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .denoising import dn_losses, dn_weight_dict
 from .detr3d_training import build_detr3d_training
-from .distributed import mean_over_ranks
-from .losses import SetCriterion
+from .losses import SetCriterion, num_boxes_per_rank
 from .matcher import HungarianMatcher
 from .models import build_conditional_detr, build_dab_detr, build_deformable_detr, build_detr, build_dino, build_dn_detr
 from .models.dn_detr import dn_detr_losses
@@ -120,9 +118,7 @@ class DenoisingCriterion(nn.Module):
         losses = self.criterion(matching, targets)
         losses.update(self.dn_loss(self.criterion, outputs, targets))
         if self.interm:
-            num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
-                                        device=outputs["pred_logits"].device)
-            num_boxes = torch.clamp(mean_over_ranks(num_boxes), min=1).item()  # as the matching terms'
+            num_boxes = num_boxes_per_rank(targets, outputs["pred_logits"].device)  # as the matching terms'
             losses.update(self.criterion._suffixed(outputs["interm_outputs"], targets, num_boxes, "_interm"))
         missing = sorted(set(self.weight_dict) - set(losses))
         if missing:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from detr_tutorial import distributed, train
+from detr_tutorial import distributed, losses, train
 from detr_tutorial.notebook import seed_everything
 from detr_tutorial.presets import PRESETS, make_trainer
 from detr_tutorial.recipes import RECIPES, DenoisingCriterion
@@ -174,3 +174,26 @@ def test_command_line_trains_on_tiny(name, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert command["status"] == "finished" and command["model"] == name
     assert len(metrics) == 2 and "AP50" in metrics[-1] and _dn_terms(name, metrics[-1])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_under_ddp_the_denoising_terms_are_normalised_as_officially(name, monkeypatch):
+    """Simulated ranks: when the mean object count per rank is twice this rank's, DINO divides its denoising
+    terms by it, as its matching terms (official ``num_boxes * scalar``, ``dino.py`` SetCriterion.forward), so
+    they halve; DN-DETR divides by this process's own number of copies (official ``compute_dn_loss``), so its
+    terms stay."""
+    trainer = _trainer(name)
+    trainer.model.train()
+    images, mask, targets = _batch(trainer)
+    torch.manual_seed(2)
+    outputs = trainer.model(images, mask, targets)
+    alone = trainer.criterion(outputs, targets)
+    monkeypatch.setattr(losses, "mean_over_ranks", lambda count: 2 * count)
+    shared = trainer.criterion(outputs, targets)
+    for key in ("loss_bbox", "loss_giou"):  # the matching terms halve for both models
+        torch.testing.assert_close(shared[key], alone[key] / 2)
+    for key, value in _dn_terms(name, alone).items():
+        if "cardinality" in key:
+            continue
+        expected = value if name == "dn_detr" else value / 2
+        torch.testing.assert_close(shared[key], expected, msg=key)
