@@ -85,9 +85,10 @@ def first_epoch_reaching(curve: np.ndarray, bar: float) -> Optional[int]:
 def live_race(model: str, epochs: int = 2, preset: str = "race", data: Optional[dict] = None, seed: int = 0) -> dict:
     """Train ``model`` for the first ``epochs`` epochs of ``preset`` (with ``DataConfig`` fields ``data``, as the
     CLI's ``--image-size`` and ``--object-size`` set them) in this process, seeded as ``python -m
-    detr_tutorial.train --seed`` seeds, and return the run as :func:`load_run` does (``command``,
-    ``commands`` and ``lr_drop`` aside), plus ``epoch_log`` (the trainer's records) and ``cpu_seconds``, the CPU time of this process over
-    the whole call: building, training and evaluation. ``seconds`` is the trainer's wall-clock training time."""
+    detr_tutorial.train --seed`` seeds, and return the run as :func:`load_run` does (``command``, ``commands``
+    and ``lr_drop`` aside), plus ``epoch_log`` (the trainer's records) and ``cpu_seconds``, the CPU time of this
+    process over the whole call: building, training and evaluation. ``seconds`` is the trainer's wall-clock
+    training time."""
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     settings = get_preset(preset, data=data, epochs=epochs)
