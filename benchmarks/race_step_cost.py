@@ -20,7 +20,7 @@ two-core virtual machine shared with two single-thread trainings and other jobs 
 128 px, while the fastest wall-clock step of each model at 64 px, one the scheduler did not interrupt, was within
 5% of the model's median CPU time (DETR: 0.204 s against 0.213 s). CPU time is not free of the load, though:
 other processes compete for shared caches and memory bandwidth, and a two-round trial (``--rounds 2 --warmup 1``)
-twenty minutes earlier, at a load average of 3.3 to 4.4, gave CPU times 11 to 30% lower at 64 px (DETR 0.176 s per
+a few minutes earlier, at a load average of 3.3 to 4.4, gave CPU times 11 to 30% lower at 64 px (DETR 0.176 s per
 step) and within 15% either way at 128 px. The absolute numbers are therefore good to about a quarter, more likely
 too high than too low; the ratios between models, timed in turn on the same batches, are the sturdier result.
 """
