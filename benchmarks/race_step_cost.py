@@ -46,8 +46,8 @@ from detr_tutorial.presets import get_preset, make_trainer
 #: setting name (as in ``book/race_runs/<model>_<setting>``) -> the ``DataConfig`` fields its command sets.
 SETTINGS = {"64": {"image_size": 64}, "128_small": {"image_size": 128, "object_size": (0.05, 0.15)}}
 #: label -> (model name, builder arguments that replace the preset's).
-VARIANTS = {"detr": ("detr", {}), "deformable_detr": ("deformable_detr", {}), "conditional_detr": ("conditional_detr", {}),
-            "dab_detr": ("dab_detr", {}), "dn_detr": ("dn_detr", {}), "dino": ("dino", {}),
+VARIANTS = {**{name: (name, {}) for name in ("detr", "deformable_detr", "conditional_detr", "dab_detr", "dn_detr",
+                                               "dino")},
             "dino_no_dn": ("dino", {"dn_number": 0})}
 
 
@@ -94,7 +94,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     result = {"command": shlex.join(["python", "benchmarks/race_step_cost.py", *sys.argv[1:]]),
-              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "threads": torch.get_num_threads(), "warmup": args.warmup, "rounds": args.rounds,
               "load_average": {"start": [round(x, 2) for x in os.getloadavg()]}, "settings": {}}
     for setting, data in SETTINGS.items():
