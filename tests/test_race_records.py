@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from detr_tutorial import presets, race_records, train
+from detr_tutorial.notebook import seed_everything
 
 RUNS = sorted(p for p in (Path(__file__).parents[1] / "book" / "race_runs").iterdir() if p.is_dir())
 SHORT = race_records.SHORT_NAMES
@@ -94,6 +95,9 @@ def test_load_records_reads_every_recorded_run():
             metrics = _jsonl(RUNS[0].parent / f"{short}_{setting}" / "metrics.jsonl")
             assert run["AP50"].tolist() == [r["AP50"] for r in metrics]
             assert run["steps"] == metrics[-1]["step"] and len(run["seconds"]) == len(metrics)
+            assert run["epoch_steps"].tolist() == [r["step"] for r in metrics]
+            commands = _jsonl(RUNS[0].parent / f"{short}_{setting}" / "commands.jsonl")
+            assert run["commands"] == [r["command"] for r in commands] and run["command"] == commands[-1]["command"]
 
 
 def test_first_epoch_reaching_counts_from_one():
@@ -117,3 +121,26 @@ def test_bad_record_folders_get_clear_errors(tmp_path):
     (tmp_path / "detr_64" / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "step": 1, "train_seconds": 1}) + "\n")
     with pytest.raises(ValueError, match=r"epochs \[0\] were not evaluated"):
         race_records.load_records(tmp_path)
+
+
+def test_live_race_is_the_seeded_command_line_run():
+    torch.manual_seed(123)  # whatever the global generator holds, live_race seeds as the CLI does
+    run = race_records.live_race("detr", epochs=2, preset="tiny", data={"image_size": 48})
+    seed_everything(0)
+    trainer = presets.make_trainer(presets.get_preset("tiny", data={"image_size": 48}, epochs=2), model="detr",
+                                   progress=False)
+    log = trainer.fit()
+    assert run["AP50"].tolist() == [r["AP50"] for r in log] and run["AP"].tolist() == [r["AP"] for r in log]
+    assert [r["loss"] for r in run["epoch_log"]] == [r["loss"] for r in log]
+    assert run["epoch_steps"].tolist() == [len(trainer.train_loader), 2 * len(trainer.train_loader)]
+    assert run["steps"] == trainer.step and len(run["seconds"]) == 2 and run["cpu_seconds"] > 0
+    assert run["data"]["image_size"] == 48 and race_records.object_size(run) == race_records.DEFAULT_OBJECT_SIZE
+
+
+def test_live_race_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        race_records.live_race("detr", epochs=0, preset="tiny")
+    with pytest.raises(ValueError, match="eval_every=1"):
+        race_records.live_race("detr", epochs=1, preset="shapes_cpu")
+    with pytest.raises(ValueError, match="unknown model"):
+        race_records.live_race("detr2", epochs=1, preset="tiny")
